@@ -1,0 +1,1 @@
+"""Latency, memory and accuracy against the teacher and a field peer."""

@@ -1,0 +1,1 @@
+"""Teacher targets, the student family, knowledge-distillation losses and Lightning training."""

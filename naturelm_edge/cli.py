@@ -1,0 +1,201 @@
+"""The `naturelm-edge` console script: a table of typed functions.
+
+Every subcommand is a plain typed function somewhere in the project; this module turns its
+signature and docstring into an argparse parser and imports it only when it is called, so
+`naturelm-edge --help` and the runtime subcommands never import torch.
+
+    $ naturelm-edge corpus synth --out runs/default/corpus --seed 0
+    $ naturelm-edge --help
+
+A workstation subcommand run on a runtime-only install stops with one line naming the extra
+to install (for example ``pip install 'naturelm-edge[train]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``target`` is ``module:function``; ``extra`` the pip extra it needs.
+
+    A ``passthrough`` command receives the raw argument list (for LightningCLI stages).
+    """
+
+    target: str
+    extra: str | None = None
+    passthrough: bool = False
+
+
+# The table. Keys are the words typed after `naturelm-edge`.
+COMMANDS: dict[str, Command] = {
+    "corpus synth": Command("corpus.cli:synth"),
+    "corpus baseline": Command("corpus.cli:baseline"),
+    "corpus convert": Command("corpus.cli:convert", extra="train"),
+}
+
+# Modules that only a workstation extra provides, mapped to that extra.
+_EXTRA_OF_MODULE = {
+    "torch": "train",
+    "lightning": "train",
+    "pytorch_lightning": "train",
+    "jsonargparse": "train",
+    "transformers": "train",
+    "peft": "train",
+    "safetensors": "train",
+    "tokenizers": "train",
+    "pyarrow": "train",
+    "onnx": "export",
+    "onnxscript": "export",
+    "matplotlib": "bench",
+    "tensorrt": "trt",
+}
+
+
+class MissingExtraError(RuntimeError):
+    """A subcommand needs a package that only an extra of naturelm-edge installs."""
+
+
+def _docstring_args(func: Callable[..., object]) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its summary and ``Args:`` entries."""
+    doc = inspect.getdoc(func) or ""
+    summary_lines: list[str] = []
+    helps: dict[str, str] = {}
+    current: str | None = None
+    in_args = False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if in_args and stripped.endswith(":") and not line.startswith(" "):
+            in_args = False
+        if not in_args:
+            summary_lines.append(line)
+            continue
+        if line.startswith("    ") and not line.startswith("        ") and ":" in stripped:
+            name, _, text = stripped.partition(":")
+            current = name.split("(")[0].strip()
+            helps[current] = text.strip()
+        elif current and stripped:
+            helps[current] += " " + stripped
+    return "\n".join(summary_lines).strip(), helps
+
+
+def _unwrap_optional(tp: object) -> object:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_parameter(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter,
+                   tp: object, help_text: str) -> None:
+    """Add one function parameter to ``parser``: positional when it has no default."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    flag = "--" + name.replace("_", "-")
+    positional = param.default is inspect.Parameter.empty
+    kwargs: dict[str, object] = {"help": help_text}
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                            default=param.default, help=help_text)
+        return
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        kwargs["type"] = inner
+        kwargs["nargs"] = "+" if positional else "*"
+    elif origin is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+    elif tp in (int, float, str, Path):
+        kwargs["type"] = tp
+    if positional:
+        parser.add_argument(name, **kwargs)
+    else:
+        if param.default is not None:
+            kwargs["help"] = f"{help_text} (default: {param.default})".strip()
+        parser.add_argument(flag, dest=name, default=param.default, **kwargs)
+
+
+def parser_for(func: Callable[..., object], prog: str) -> argparse.ArgumentParser:
+    """Build an argparse parser from a typed function's signature and docstring."""
+    summary, helps = _docstring_args(func)
+    parser = argparse.ArgumentParser(prog=prog, description=summary,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(func)
+    for name, param in inspect.signature(func).parameters.items():
+        _add_parameter(parser, name, param, hints.get(name, str), helps.get(name, ""))
+    return parser
+
+
+def _load(command: Command, words: str) -> Callable[..., object]:
+    module_name, _, attr = command.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        extra = command.extra or _EXTRA_OF_MODULE.get(root)
+        if extra is None or root in ("runtime", "corpus", "teacher", "distill", "export"):
+            raise
+        raise MissingExtraError(
+            f"`naturelm-edge {words}` needs the [{extra}] extra ({root} is not installed): "
+            f"pip install 'naturelm-edge[{extra}]'"
+        ) from exc
+    return getattr(module, attr)
+
+
+def _match(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The longest table key that prefixes ``argv``, and the remaining arguments."""
+    for n in (3, 2, 1):
+        words = " ".join(argv[:n])
+        if len(argv) >= n and words in COMMANDS:
+            return words, argv[n:]
+    return None
+
+
+def _usage() -> str:
+    lines = ["usage: naturelm-edge COMMAND [ARGS...]", "", "commands:"]
+    width = max(len(k) for k in COMMANDS)
+    for words, command in COMMANDS.items():
+        extra = f"  [needs {command.extra}]" if command.extra else ""
+        lines.append(f"  {words:<{width}}  {command.target}{extra}")
+    lines.append("")
+    lines.append("`naturelm-edge COMMAND --help` describes one command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    matched = _match(argv)
+    if matched is None:
+        print(_usage(), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    words, rest = matched
+    command = COMMANDS[words]
+    try:
+        func = _load(command, words)
+    except MissingExtraError as exc:
+        print(f"naturelm-edge: {exc}", file=sys.stderr)
+        return 3
+    if command.passthrough:
+        result = func(rest)
+    else:
+        args = parser_for(func, f"naturelm-edge {words}").parse_args(rest)
+        result = func(**vars(args))
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
