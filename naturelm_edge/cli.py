@@ -40,7 +40,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "corpus synth": Command("corpus.cli:synth"),
     "corpus baseline": Command("corpus.cli:baseline"),
-    "corpus convert": Command("corpus.cli:convert", extra="train"),
+    "corpus convert": Command("corpus.convert:convert", extra="train"),
 }
 
 # Modules that only a workstation extra provides, mapped to that extra.
