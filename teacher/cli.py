@@ -1,0 +1,212 @@
+"""`naturelm-edge teacher fit` (LightningCLI) and `naturelm-edge teacher eval` (BEANS-Zero style).
+
+``fit`` hands its arguments to `lightning.pytorch.cli.LightningCLI` over `TeacherModule` and
+`TeacherDataModule`; ``--config NAME`` accepts a shipped config by name ("tiny",
+"naturelm-8b") as well as a YAML path. The checkpoint is written to
+``<trainer.default_root_dir>/teacher.ckpt``.
+
+``eval`` rebuilds the teacher from its checkpoint, generates an answer for every record of a
+split, snaps it to the task's labels (Levenshtein) and prints accuracy per classification task
+and macro-F1 / mAP for detection; with ``--score`` it also ranks the labels by the teacher's
+log-likelihood (``score_labels``), giving mAP from scores and a scored accuracy.
+
+    $ naturelm-edge teacher fit --config tiny --data.manifest /tmp/synth/manifest.jsonl \\
+          --trainer.default_root_dir runs/teacher-tiny
+    $ naturelm-edge teacher eval runs/teacher-tiny/teacher.ckpt /tmp/synth/manifest.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The LightningCLI configs shipped with the package, by name."""
+    return {path.stem: path for path in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def shipped_config(name: str) -> Path:
+    """The shipped config called ``name``; unknown names raise listing the known ones."""
+    configs = shipped_configs()
+    if name not in configs:
+        raise KeyError(f"unknown teacher config {name!r}; shipped configs: {', '.join(configs)}")
+    return configs[name]
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config NAME`` (or ``-c NAME``) of a shipped config made a path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+            if "/" not in value and not value.endswith((".yaml", ".yml", ".json")):
+                out[i] = f"--config={shipped_config(value)}"
+        elif arg in ("--config", "-c") and i + 1 < len(out):
+            value = out[i + 1]
+            if "/" not in value and not value.endswith((".yaml", ".yml", ".json")):
+                out[i + 1] = str(shipped_config(value))
+    return out
+
+
+def teacher_cli(args: Sequence[str] | None, run: bool = True, instantiate: bool = True) -> Any:
+    """The teacher's LightningCLI (``args`` starts with a subcommand when ``run``).
+
+    ``instantiate=False`` (with ``run=False``) only parses: ``cli.config`` holds the result and
+    no model, data or trainer is built (how the shipped YAMLs are checked without a GPU).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from teacher.lightning import TeacherDataModule, TeacherModule
+
+    class TeacherCLI(LightningCLI):
+        """Adds a checkpoint callback that writes ``<default_root_dir>/teacher.ckpt``."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.filename": "teacher",
+                                 "checkpoint.enable_version_counter": False})
+            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
+
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+
+    return TeacherCLI(TeacherModule, TeacherDataModule, args=list(args or []), run=run,
+                      save_config_kwargs={"overwrite": True})
+
+
+def fit(argv: list[str]) -> int:
+    """Train the teacher: LightningCLI ``fit`` with the given arguments (see ``--help``)."""
+    teacher_cli(["fit", *resolve_config_args(argv)], run=True)
+    return 0
+
+
+def load_eval_records(manifest: Path, split: str, tasks: Sequence[str] | None) -> list[Any]:
+    """Records of ``split`` (and ``tasks``) from a JSONL / CSV manifest or a BEANS-Zero parquet."""
+    from runtime.errors import ManifestError
+
+    if manifest.suffix == ".parquet":
+        from corpus.beans import read_beans_zero
+
+        records = read_beans_zero(manifest)
+    else:
+        from corpus.manifest import read_manifest
+
+        records = read_manifest(manifest)
+    chosen = [r for r in records if r.split == split and (not tasks or r.task in set(tasks))]
+    if not chosen:
+        raise ManifestError(manifest, f"no records in split {split!r}"
+                            + (f" for tasks {list(tasks)}" if tasks else ""))
+    return chosen
+
+
+def predict(model: Any, records: Sequence[Any], batch_size: int = 8, max_new_tokens: int = 24,
+            num_beams: int = 1, score: bool = True) -> list[dict[str, Any]]:
+    """Generate (and score) every record: one dict per record with ``answer`` and ``scores``.
+
+    Each call sees exactly the teacher's ``clip_s``; a longer clip is cut to its first
+    ``clip_s`` seconds and its prediction carries ``"cut_s"`` (the seconds dropped).
+    """
+    import torch
+
+    from teacher.lightning import fit_length, load_clip
+
+    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    n = cfg.clip_samples
+    device = next(model.parameters()).device
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        clips = [load_clip(r, cfg.sample_rate) for r in batch]
+        audio = torch.from_numpy(np.stack([fit_length(c, n, None) for c in clips])).to(device)
+        instructions = [r.instruction for r in batch]
+        with torch.inference_mode():
+            answers = model.generate(audio, instructions, max_new_tokens=max_new_tokens,
+                                     num_beams=num_beams)
+            scores = model.score_labels(audio, instructions, [list(r.labels) for r in batch]) \
+                if score else None
+        for i, (record, clip) in enumerate(zip(batch, clips, strict=True)):
+            row: dict[str, Any] = {"id": record.id, "task": record.task, "output": record.output,
+                                   "answer": answers[i]}
+            if scores is not None:
+                row["scores"] = [float(v) for v in scores[i][:len(record.labels)]]
+            if clip.shape[0] > n:
+                row["cut_s"] = (clip.shape[0] - n) / cfg.sample_rate
+            out.append(row)
+    return out
+
+
+def score_predictions(records: Sequence[Any], predictions: Sequence[dict[str, Any]]) -> list[Any]:
+    """Per-task `TaskResult`s of the predictions (records with no label set are skipped)."""
+    from teacher.eval import accuracy, score_detection, score_single, split_answer
+    from teacher.lightning import is_multi_label
+
+    by_task: dict[str, list[tuple[Any, dict[str, Any]]]] = defaultdict(list)
+    for record, prediction in zip(records, predictions, strict=True):
+        if record.labels:
+            by_task[record.task].append((record, prediction))
+    results = []
+    for task, pairs in by_task.items():
+        labels = list(pairs[0][0].labels)
+        if any(list(r.labels) != labels for r, _ in pairs):
+            raise ValueError(f"task {task!r} mixes label sets; evaluate its datasets apart")
+        answers = [p["answer"] for _, p in pairs]
+        scored = all("scores" in p for _, p in pairs)
+        if is_multi_label(task):
+            truth = [[x for x in split_answer(r.output) if x != "None"] for r, _ in pairs]
+            scores = np.array([p["scores"] for _, p in pairs]) if scored else None
+            results.append(score_detection(task, answers, truth, labels, scores))
+            continue
+        result = score_single(task, answers, [r.output for r, _ in pairs], labels)
+        if scored:
+            best = [labels[int(np.argmax(p["scores"]))] for _, p in pairs]
+            result.metrics["scored_accuracy"] = accuracy(best, [r.output for r, _ in pairs])
+        results.append(result)
+    return results
+
+
+def eval(checkpoint: Path, manifest: Path, split: str = "test", out: Path | None = None,
+         batch_size: int = 8, tasks: list[str] | None = None, max_new_tokens: int = 24,
+         num_beams: int = 1, score: bool = True, device: str = "cpu") -> int:
+    """Score a trained teacher BEANS-Zero style and print a per-task table.
+
+    Args:
+        checkpoint: a teacher checkpoint (from `naturelm-edge teacher fit`).
+        manifest: a JSONL / CSV manifest, or a BEANS-Zero parquet file.
+        split: the split evaluated.
+        out: write the metrics and every prediction to this JSON file.
+        batch_size: clips per forward.
+        tasks: evaluate only these tasks.
+        max_new_tokens: longest generated answer.
+        num_beams: beam width (1 is greedy).
+        score: also rank the labels by log-likelihood (mAP from scores, scored accuracy).
+        device: torch device, e.g. cpu or cuda.
+    """
+    from runtime.files import atomic_write_text
+    from teacher.checkpoint import load_teacher
+    from teacher.eval import format_table, results_to_json
+
+    model = load_teacher(checkpoint, map_location=device)
+    records = load_eval_records(Path(manifest), split, tasks)
+    predictions = predict(model, records, batch_size, max_new_tokens, num_beams, score)
+    results = score_predictions(records, predictions)
+    cut = sum(1 for p in predictions if "cut_s" in p)
+    print(format_table(results))
+    if cut:
+        print(f"{cut} clip(s) longer than the teacher's clip were cut to their first seconds "
+              "(see cut_s in --out)", file=sys.stderr)
+    if out is not None:
+        payload = {"checkpoint": str(checkpoint), "manifest": str(manifest), "split": split,
+                   "results": results_to_json(results), "predictions": predictions}
+        atomic_write_text(Path(out), json.dumps(payload, indent=1))
+    return 0
