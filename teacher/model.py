@@ -1,0 +1,487 @@
+"""NatureLM-audio in PyTorch: BEATs -> LayerNorm -> windowed Q-Former -> Linear -> LLM + LoRA.
+
+Audio is 16 kHz mono float32; every call sees exactly ``cfg.clip_s`` seconds (shorter audio
+is zero-padded; `generate_windows` / `score_windows` cut longer recordings into reported
+windows). The audio embeddings replace each ``<AudioHere>`` in the Llama-3 chat prompt
+(`teacher.prompt`), spliced in through ``inputs_embeds``. Order of the audio path follows the
+official model: ``ln_audio`` normalises the BEATs tokens *before* the Q-Former, and
+``audio_llama_proj`` maps the Q-Former output into the LLM width.
+
+    >>> import torch
+    >>> from teacher.config import teacher_config
+    >>> from teacher.tokenizer import train_tokenizer
+    >>> cfg = teacher_config("tiny")
+    >>> tok = train_tokenizer(["What is the common name? Answer: Kea", "Tui"], 300)
+    >>> model = NatureLM(cfg, tok).eval()
+    >>> audio = torch.zeros(2, 16000)               # 1 s, zero-padded to 10 s inside
+    >>> model.encode_audio(audio).shape              # 30 windows of 17 BEATs tokens
+    torch.Size([2, 30, 128])
+    >>> loss = model(audio, ["What is it? Answer:"] * 2, ["Kea", "Tui"])
+    >>> model.score_labels(audio, ["What is it? Answer:"] * 2, ["Kea", "Tui"]).shape
+    torch.Size([2, 2])
+    >>> len(model.generate(audio, ["What is it? Answer:"] * 2, max_new_tokens=3))
+    2
+
+`score_labels` normalisation: ``"sum"`` is the log-likelihood of the whole answer (its tokens
+and, with ``with_end=True``, the end token that closes it), so a softmax over the label set is
+the teacher's distribution over those answers; ``"mean"`` divides by the token count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from teacher.beats import BEATs
+from teacher.config import TeacherConfig
+from teacher.prompt import chat_prompt, count_audios, split_prompt
+from teacher.qformer import WindowedQFormer
+from teacher.tokenizer import END_OF_TEXT, EOT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+NORMALIZATIONS = ("sum", "mean")
+IGNORE = -100
+
+
+@dataclass
+class LLMInputs:
+    """A padded batch for the LLM: embeddings, mask, labels (-100 outside the answers)."""
+
+    inputs_embeds: torch.Tensor  # [B, L, H]
+    attention_mask: torch.Tensor  # [B, L], 1 on real positions
+    labels: torch.Tensor | None  # [B, L]
+    prompt_lengths: list[int]
+
+
+@dataclass(frozen=True)
+class WindowAnswer:
+    """One window of a long recording and the teacher's answer for it."""
+
+    start_s: float
+    end_s: float
+    text: str
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_llm(cfg: TeacherConfig, vocab_needed: int) -> nn.Module:
+    """The causal LM (local directory or a Llama from config), LoRA-wrapped when ``lora.r``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    llm_cfg = cfg.llm
+    dtype = _torch_dtype(llm_cfg.dtype)
+    if llm_cfg.path is not None:
+        from pathlib import Path
+
+        if not Path(llm_cfg.path).is_dir():
+            raise FileNotFoundError(f"{llm_cfg.path}: LLM directory not found (a local "
+                                    "transformers model folder is needed; nothing is downloaded)")
+        llm = AutoModelForCausalLM.from_pretrained(llm_cfg.path, local_files_only=True,
+                                                   dtype=dtype)
+        if vocab_needed > llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(vocab_needed)
+    else:
+        if vocab_needed > llm_cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_needed} tokens but llm.vocab_size is "
+                             f"{llm_cfg.vocab_size}")
+        llm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=llm_cfg.vocab_size, hidden_size=llm_cfg.hidden_size,
+            num_hidden_layers=llm_cfg.num_layers, num_attention_heads=llm_cfg.num_heads,
+            num_key_value_heads=llm_cfg.num_kv_heads, intermediate_size=llm_cfg.intermediate_size,
+            max_position_embeddings=llm_cfg.max_position_embeddings, tie_word_embeddings=False,
+            attn_implementation="eager",
+        )).to(dtype)
+    if cfg.lora.r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        llm = get_peft_model(llm, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+    return llm
+
+
+class NatureLM(nn.Module):
+    """The teacher. Submodule names follow the official checkpoint (see `teacher.official`).
+
+    Args:
+        cfg: the whole teacher configuration.
+        tokenizer: a fast tokenizer with ``<|begin_of_text|>`` as bos and ``cfg.end_token``
+            as one token (`teacher.tokenizer.train_tokenizer`, or a local Llama-3's).
+    """
+
+    def __init__(self, cfg: TeacherConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.bos_id = self._token_id(tokenizer.bos_token, "bos token")
+        self.end_id = self._token_id(cfg.end_token, "end_token")
+        stops = {self.end_id}
+        for name in (EOT, END_OF_TEXT):
+            if name in tokenizer.get_vocab():
+                stops.add(tokenizer.convert_tokens_to_ids(name))
+        self.stop_ids = sorted(stops)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+
+        dim = cfg.encoder.encoder_embed_dim
+        self.beats = BEATs(cfg.encoder)
+        self.ln_audio = nn.LayerNorm(dim)
+        self.audio_qformer = WindowedQFormer(cfg.qformer, dim)
+        self.llama_model = build_llm(cfg, len(tokenizer))
+        llm_width = self.llama_model.get_input_embeddings().weight.shape[1]
+        self.audio_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm_width)
+        self.apply_freeze_policy()
+
+    def _token_id(self, token: str | None, what: str) -> int:
+        if token is None or token not in self.tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {what} {token!r} as a single token")
+        return int(self.tokenizer.convert_tokens_to_ids(token))
+
+    # -- parameters --------------------------------------------------------------------------
+    def apply_freeze_policy(self) -> None:
+        """Set ``requires_grad`` from the config's ``train_*`` flags."""
+        cfg = self.cfg
+        for p in self.beats.parameters():
+            p.requires_grad_(cfg.train_encoder)
+        for module in (self.ln_audio, self.audio_qformer):
+            for p in module.parameters():
+                p.requires_grad_(cfg.train_qformer)
+        for p in self.audio_llama_proj.parameters():
+            p.requires_grad_(cfg.train_projection)
+        for name, p in self.llama_model.named_parameters():
+            p.requires_grad_(cfg.train_lora if "lora_" in name else cfg.train_llm)
+        if not cfg.train_encoder:
+            self.beats.eval()
+
+    def train(self, mode: bool = True) -> NatureLM:
+        """Like `nn.Module.train`, but a frozen encoder stays in eval mode."""
+        super().train(mode)
+        if not self.cfg.train_encoder:
+            self.beats.eval()
+        return self
+
+    def count_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        params = list(self.parameters())
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params))
+
+    @property
+    def device(self) -> torch.device:
+        return self.audio_llama_proj.weight.device
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        return self.llama_model.get_input_embeddings().weight.dtype
+
+    # -- audio --------------------------------------------------------------------------------
+    def fit_clip(self, audio: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+        """``audio[B, T]`` (or ``[T]``) as ``[B, clip_samples]`` float32: zero-padded; longer
+        audio is truncated when ``truncate`` (training crops), else raises."""
+        if audio.dim() == 1:
+            audio = audio.unsqueeze(0)
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be [batch, samples], got shape {tuple(audio.shape)}")
+        audio = audio.to(device=self.device, dtype=torch.float32)
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio holds NaN or Inf samples")
+        n = self.cfg.clip_samples
+        if audio.shape[1] > n and not truncate:
+            raise ValueError(
+                f"audio is {audio.shape[1] / self.cfg.sample_rate:.2f} s, longer than clip_s="
+                f"{self.cfg.clip_s}; use teacher.model.generate_windows / score_windows, which "
+                "window it and report the windows, or crop it first")
+        if audio.shape[1] >= n:
+            return audio[:, :n]
+        return torch.nn.functional.pad(audio, (0, n - audio.shape[1]))
+
+    def encode_audio(self, audio: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+        """``audio[B, T]`` -> audio tokens ``[B, Q, H_llm]`` (Q = windows x queries)."""
+        wave = self.fit_clip(audio, truncate=truncate)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_encoder):
+            features, mask = self.beats(wave)
+        tokens = self.audio_qformer(self.ln_audio(features), mask)
+        return self.audio_llama_proj(tokens).to(self.embed_dtype)
+
+    # -- prompts ------------------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        table = self.llama_model.get_input_embeddings()
+        return table(torch.tensor(list(ids), dtype=torch.long, device=self.device))
+
+    def _audio_slices(self, n_audio: int, instructions: Sequence[str]) -> list[slice]:
+        counts = [count_audios(q) for q in instructions]
+        if sum(counts) != n_audio:
+            raise ValueError(f"{n_audio} audios for prompts holding {sum(counts)} <AudioHere> "
+                             f"placeholders ({counts}); give one audio per placeholder, in order")
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [slice(s, s + c) for s, c in zip(starts, counts, strict=True)]
+
+    def prompt_embeds(self, audio_tokens: torch.Tensor, instruction: str) -> torch.Tensor:
+        """``[P, H]``: bos, the chat prompt with ``audio_tokens[k]`` at the k-th placeholder."""
+        parts = split_prompt(chat_prompt(instruction))
+        if len(parts) - 1 != audio_tokens.shape[0]:
+            raise ValueError(f"prompt holds {len(parts) - 1} placeholders, got "
+                             f"{audio_tokens.shape[0]} audios")
+        pieces = [self._embed_ids([self.bos_id] + self._ids(parts[0]))]
+        for k, part in enumerate(parts[1:]):
+            pieces.append(audio_tokens[k])
+            pieces.append(self._embed_ids(self._ids(part)))
+        return torch.cat(pieces, dim=0)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The supervised tokens of an answer: its tokens then ``cfg.end_token``."""
+        return self._ids(answer) + [self.end_id]
+
+    def build_inputs(self, audio: torch.Tensor, instructions: Sequence[str],
+                     answers: Sequence[str] | None = None, left_pad: bool = False,
+                     truncate: bool = False) -> LLMInputs:
+        """Encode the audio and splice it into the prompts (plus answers when given)."""
+        instructions = list(instructions)
+        if answers is not None and len(answers) != len(instructions):
+            raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
+        tokens = self.encode_audio(audio, truncate=truncate)
+        seqs, labels, prompt_lengths = [], [], []
+        for i, sl in enumerate(self._audio_slices(tokens.shape[0], instructions)):
+            seq = self.prompt_embeds(tokens[sl], instructions[i])
+            prompt_lengths.append(seq.shape[0])
+            lab = [IGNORE] * seq.shape[0]
+            if answers is not None:
+                ids = self.answer_ids(answers[i])
+                seq = torch.cat([seq, self._embed_ids(ids)], dim=0)
+                lab += ids
+            seqs.append(seq)
+            labels.append(lab)
+        return self._pad(seqs, labels if answers is not None else None, prompt_lengths, left_pad)
+
+    def _pad(self, seqs: list[torch.Tensor], labels: list[list[int]] | None,
+             prompt_lengths: list[int], left_pad: bool) -> LLMInputs:
+        length = max(s.shape[0] for s in seqs)
+        width = seqs[0].shape[1]
+        embeds = seqs[0].new_zeros(len(seqs), length, width)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long, device=self.device)
+        lab = torch.full((len(seqs), length), IGNORE, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            n = s.shape[0]
+            where = slice(length - n, length) if left_pad else slice(0, n)
+            embeds[i, where] = s
+            mask[i, where] = 1
+            if labels is not None:
+                lab[i, where] = torch.tensor(labels[i], dtype=torch.long, device=self.device)
+        return LLMInputs(embeds, mask, lab if labels is not None else None, prompt_lengths)
+
+    # -- training -----------------------------------------------------------------------------
+    def forward(self, audio: torch.Tensor, instructions: Sequence[str],
+                answers: Sequence[str]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens (and their end token) only.
+
+        Audio longer than ``clip_s`` is cropped to its first ``clip_s`` (training crops).
+        """
+        batch = self.build_inputs(audio, instructions, answers, truncate=True)
+        logits = self.llama_model(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask).logits
+        assert batch.labels is not None
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+    # -- inference ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def generate_ids(self, audio: torch.Tensor, instructions: Sequence[str],
+                     max_new_tokens: int = 24, num_beams: int = 1) -> list[list[int]]:
+        """Greedy (``num_beams=1``) or beam-search answer token ids, stop token excluded."""
+        from transformers import GenerationConfig
+
+        with self._inference():
+            batch = self.build_inputs(audio, instructions, left_pad=True)
+            gen = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                   do_sample=False, eos_token_id=self.stop_ids,
+                                   pad_token_id=self.pad_id, bos_token_id=self.bos_id)
+            out = self.llama_model.generate(inputs_embeds=batch.inputs_embeds,
+                                            attention_mask=batch.attention_mask,
+                                            generation_config=gen)
+        results = []
+        for row in out.tolist():
+            ids = []
+            for t in row:
+                if t in self.stop_ids:
+                    break
+                ids.append(t)
+            results.append(ids)
+        return results
+
+    def generate(self, audio: torch.Tensor, instructions: Sequence[str],
+                 max_new_tokens: int = 24, num_beams: int = 1) -> list[str]:
+        """One answer per prompt (special tokens removed, whitespace stripped)."""
+        ids = self.generate_ids(audio, instructions, max_new_tokens, num_beams)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+    def score_labels(self, audio: torch.Tensor, instructions: Sequence[str],
+                     labels: Sequence[str] | Sequence[Sequence[str]], normalize: str = "sum",
+                     with_end: bool = True, label_batch_size: int = 64) -> torch.Tensor:
+        """Log-likelihood ``[B, L]`` of each candidate answer given audio and prompt.
+
+        Args:
+            audio: ``[B, T]`` (one audio per placeholder in order, see `build_inputs`).
+            instructions: one prompt per row.
+            labels: one label set for every row, or one per row (ragged sets are padded
+                with ``-inf``).
+            normalize: ``"sum"`` (answer log-likelihood) or ``"mean"`` (per token).
+            with_end: include the end token, i.e. score the label as the *whole* answer.
+            label_batch_size: labels per forward over the shared prompt prefix.
+        """
+        per_row = _label_sets(labels, len(instructions))
+        ids = [[self._ids(label) for label in row] for row in per_row]
+        return self.score_token_ids(audio, instructions, ids, normalize, with_end,
+                                    label_batch_size)
+
+    def score_token_ids(self, audio: torch.Tensor, instructions: Sequence[str],
+                        candidates: Sequence[Sequence[Sequence[int]]], normalize: str = "sum",
+                        with_end: bool = True, label_batch_size: int = 64) -> torch.Tensor:
+        """`score_labels` on token ids: ``candidates[b]`` is row b's list of token-id lists.
+
+        The prompt prefix runs once per row with a KV cache; the candidates then run in
+        batches of ``label_batch_size`` over copies of that cache.
+        """
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
+        if len(candidates) != len(instructions):
+            raise ValueError(f"{len(instructions)} prompts but {len(candidates)} label sets")
+        width = max(len(row) for row in candidates)
+        scores = torch.full((len(candidates), width), -math.inf)
+        with self._inference():
+            batch = self.build_inputs(audio, instructions)
+            for b, row in enumerate(candidates):
+                seqs = [list(c) + ([self.end_id] if with_end else []) for c in row]
+                if any(len(s) == 0 for s in seqs):
+                    raise ValueError("an empty label has no tokens to score (use with_end=True)")
+                n = batch.prompt_lengths[b]
+                prefix = batch.inputs_embeds[b:b + 1, :n]
+                out = self.llama_model(inputs_embeds=prefix, use_cache=True)
+                first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                for start in range(0, len(seqs), label_batch_size):
+                    chunk = seqs[start:start + label_batch_size]
+                    total = self._score_chunk(out.past_key_values, n, first, chunk)
+                    counts = torch.tensor([len(s) for s in chunk], dtype=torch.float32)
+                    if normalize == "mean":
+                        total = total / counts
+                    scores[b, start:start + len(chunk)] = total
+        return scores
+
+    def _score_chunk(self, cache: Any, prefix_len: int, first: torch.Tensor,
+                     chunk: list[list[int]]) -> torch.Tensor:
+        """Sum of log-probs of each token sequence in ``chunk`` after the cached prefix."""
+        total = torch.stack([first[s[0]] for s in chunk]).cpu()
+        longest = max(len(s) for s in chunk)
+        if longest == 1:
+            return total
+        k = len(chunk)
+        inputs = torch.full((k, longest - 1), self.pad_id, dtype=torch.long, device=self.device)
+        targets = torch.full((k, longest - 1), IGNORE, dtype=torch.long, device=self.device)
+        mask = torch.zeros(k, prefix_len + longest - 1, dtype=torch.long, device=self.device)
+        mask[:, :prefix_len] = 1
+        for i, s in enumerate(chunk):
+            inputs[i, :len(s) - 1] = torch.tensor(s[:-1], device=self.device)
+            targets[i, :len(s) - 1] = torch.tensor(s[1:], device=self.device)
+            mask[i, prefix_len:prefix_len + len(s) - 1] = 1
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(k)
+        logits = self.llama_model(input_ids=inputs, attention_mask=mask, past_key_values=past,
+                                  use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        valid = targets != IGNORE
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return total + (picked * valid).sum(dim=1).cpu()
+
+
+def _label_sets(labels: Sequence[str] | Sequence[Sequence[str]], rows: int) -> list[list[str]]:
+    if isinstance(labels, str):
+        raise TypeError("labels must be a sequence of label strings, not one string")
+    if len(labels) == 0:
+        raise ValueError("labels is empty")
+    if all(isinstance(x, str) for x in labels):
+        return [list(labels)] * rows  # type: ignore[arg-type]
+    if len(labels) != rows:
+        raise ValueError(f"{rows} prompts but {len(labels)} label sets")
+    sets = [list(row) for row in labels]
+    if any(len(row) == 0 or isinstance(row, str) for row in labels):
+        raise ValueError("every label set must be a non-empty sequence of strings")
+    return sets
+
+
+# -- long recordings -------------------------------------------------------------------------
+def clip_windows(n_samples: int, clip_samples: int, hop_samples: int) -> list[tuple[int, int]]:
+    """Start / end samples of windows covering ``n_samples`` (the last one may be partial,
+    it is zero-padded by the model); at least one window."""
+    if hop_samples <= 0:
+        raise ValueError(f"hop must be positive, got {hop_samples} samples")
+    starts = list(range(0, max(n_samples - clip_samples, 0) + 1, hop_samples))
+    if starts[-1] + clip_samples < n_samples:
+        starts.append(starts[-1] + hop_samples)
+    return [(s, min(s + clip_samples, n_samples)) for s in starts]
+
+
+def _windows(model: NatureLM, audio: torch.Tensor, hop_s: float | None
+             ) -> tuple[list[tuple[int, int]], float]:
+    if audio.dim() != 1:
+        raise ValueError(f"a recording is one channel [samples], got shape {tuple(audio.shape)}")
+    rate = model.cfg.sample_rate
+    hop = model.cfg.clip_samples if hop_s is None else int(round(hop_s * rate))
+    return clip_windows(audio.shape[0], model.cfg.clip_samples, hop), float(rate)
+
+
+def _window_batches(audio: torch.Tensor, spans: list[tuple[int, int]], clip: int,
+                    batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start:start + batch_size]
+        clips = torch.zeros(len(chunk), clip, dtype=torch.float32)
+        for i, (a, b) in enumerate(chunk):
+            clips[i, :b - a] = audio[a:b].float()
+        yield start, clips
+
+
+def generate_windows(model: NatureLM, audio: torch.Tensor, instruction: str,
+                     hop_s: float | None = None, batch_size: int = 8,
+                     max_new_tokens: int = 24, num_beams: int = 1) -> list[WindowAnswer]:
+    """Answers for each ``clip_s`` window of a long ``audio[T]`` (hop ``hop_s``, default
+    ``clip_s``); every window is reported with its start and end in seconds."""
+    spans, rate = _windows(model, audio, hop_s)
+    out: list[WindowAnswer] = []
+    for start, clips in _window_batches(audio, spans, model.cfg.clip_samples, batch_size):
+        texts = model.generate(clips, [instruction] * clips.shape[0], max_new_tokens, num_beams)
+        for (a, b), text in zip(spans[start:start + len(texts)], texts, strict=True):
+            out.append(WindowAnswer(a / rate, b / rate, text))
+    return out
+
+
+def score_windows(model: NatureLM, audio: torch.Tensor, instruction: str,
+                  labels: Sequence[str], hop_s: float | None = None, batch_size: int = 8,
+                  normalize: str = "sum") -> tuple[list[tuple[float, float]], torch.Tensor]:
+    """``(windows as (start_s, end_s), scores[W, L])`` over a long ``audio[T]``."""
+    spans, rate = _windows(model, audio, hop_s)
+    rows = []
+    for _, clips in _window_batches(audio, spans, model.cfg.clip_samples, batch_size):
+        rows.append(model.score_labels(clips, [instruction] * clips.shape[0], labels,
+                                       normalize=normalize))
+    return [(a / rate, b / rate) for a, b in spans], torch.cat(rows, dim=0)
