@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "corpus synth": Command("corpus.cli:synth"),
     "corpus baseline": Command("corpus.cli:baseline"),
     "corpus convert": Command("corpus.convert:convert", extra="train"),
+    "bench decode": Command("benchmarks.decode_speed:run"),
 }
 
 # Modules that only a workstation extra provides, mapped to that extra.
