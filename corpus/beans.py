@@ -171,7 +171,7 @@ def _row_record(fields: dict[str, Any], audio: np.ndarray,
     split = own.get("split", "test")
     if split not in SPLITS:
         raise ManifestError(where, f"split {split!r} is not one of {', '.join(SPLITS)}")
-    labels = own.get("labels")
+    labels = own.get("labels") or None  # an empty set falls back to the inferred one
     return Record(
         id=str(fields["id"]), task=str(fields["task"]), instruction=instruction,
         output=str(fields["output"]), dataset_name=dataset_name, split=split,
