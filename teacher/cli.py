@@ -96,9 +96,9 @@ def load_eval_records(manifest: Path, split: str, tasks: Sequence[str] | None) -
     from runtime.errors import ManifestError
 
     if manifest.suffix == ".parquet":
-        from corpus.beans import read_beans_zero
+        from corpus.beans import read_beans_parquet
 
-        records = read_beans_zero(manifest)
+        records = read_beans_parquet(manifest)
     else:
         from corpus.manifest import read_manifest
 
@@ -121,7 +121,7 @@ def predict(model: Any, records: Sequence[Any], batch_size: int = 8, max_new_tok
 
     from teacher.lightning import fit_length, load_clip
 
-    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    cfg = model.cfg
     n = cfg.clip_samples
     device = next(model.parameters()).device
     out: list[dict[str, Any]] = []
@@ -147,27 +147,32 @@ def predict(model: Any, records: Sequence[Any], batch_size: int = 8, max_new_tok
 
 
 def score_predictions(records: Sequence[Any], predictions: Sequence[dict[str, Any]]) -> list[Any]:
-    """Per-task `TaskResult`s of the predictions (records with no label set are skipped)."""
+    """`TaskResult`s per task (per task and dataset where a task spans several datasets, as
+    BEANS-Zero's classification does); records with no label set (captioning) are skipped."""
     from teacher.eval import accuracy, score_detection, score_single, split_answer
     from teacher.lightning import is_multi_label
 
-    by_task: dict[str, list[tuple[Any, dict[str, Any]]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[tuple[Any, dict[str, Any]]]] = defaultdict(list)
     for record, prediction in zip(records, predictions, strict=True):
         if record.labels:
-            by_task[record.task].append((record, prediction))
+            groups[(record.task, record.dataset_name)].append((record, prediction))
+    datasets_of: dict[str, int] = defaultdict(int)
+    for task, _ in groups:
+        datasets_of[task] += 1
     results = []
-    for task, pairs in by_task.items():
+    for (task, dataset), pairs in groups.items():
+        name = task if datasets_of[task] == 1 else f"{task}/{dataset}"
         labels = list(pairs[0][0].labels)
         if any(list(r.labels) != labels for r, _ in pairs):
-            raise ValueError(f"task {task!r} mixes label sets; evaluate its datasets apart")
+            raise ValueError(f"task {name!r} mixes label sets within one dataset")
         answers = [p["answer"] for _, p in pairs]
         scored = all("scores" in p for _, p in pairs)
         if is_multi_label(task):
             truth = [[x for x in split_answer(r.output) if x != "None"] for r, _ in pairs]
             scores = np.array([p["scores"] for _, p in pairs]) if scored else None
-            results.append(score_detection(task, answers, truth, labels, scores))
+            results.append(score_detection(name, answers, truth, labels, scores))
             continue
-        result = score_single(task, answers, [r.output for r, _ in pairs], labels)
+        result = score_single(name, answers, [r.output for r, _ in pairs], labels)
         if scored:
             best = [labels[int(np.argmax(p["scores"]))] for _, p in pairs]
             result.metrics["scored_accuracy"] = accuracy(best, [r.output for r, _ in pairs])

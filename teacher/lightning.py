@@ -258,14 +258,18 @@ def fit_length(audio: np.ndarray, n: int, rng: np.random.Generator | None) -> np
 
 
 def load_clip(record: Record, sample_rate: int) -> np.ndarray:
-    """The record's mono float32 samples at ``sample_rate`` (its offset and duration applied)."""
+    """The record's mono float32 samples at ``sample_rate`` (its offset and duration applied;
+    in-memory audio at another rate is resampled)."""
     from runtime.audio import read_audio
 
     if record.audio is not None:
-        if record.sample_rate != sample_rate:
-            raise ValueError(f"record {record.id!r} holds audio at {record.sample_rate} Hz, "
-                             f"expected {sample_rate} Hz")
+        if record.sample_rate is None:
+            raise ValueError(f"record {record.id!r} holds audio without a sample_rate")
         audio = np.asarray(record.audio, dtype=np.float32)
+        if record.sample_rate != sample_rate:
+            import soxr
+
+            audio = soxr.resample(audio, record.sample_rate, sample_rate).astype(np.float32)
         start = int(round(record.offset_s * sample_rate))
         stop = None if record.duration_s is None \
             else start + int(round(record.duration_s * sample_rate))
