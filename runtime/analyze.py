@@ -1,0 +1,521 @@
+"""`naturelm-edge analyze BUNDLE PATH...`: detections for recordings of any length.
+
+Files, folders (searched recursively for audio) and globs are decoded in blocks by a
+producer thread (memory stays flat whatever the length), resampled to the bundle's rate and
+cut into windows; the main thread batches windows across recordings, runs the model and
+turns the scores into detections. Each finished recording gets its outputs written
+atomically and then a line in the journal (`journal.jsonl`), so a run killed at any point
+resumes with no duplicate, missing or torn output. Bad recordings go to `errors.csv` with
+the reason and the run goes on; the exit code is 1 if any recording failed.
+
+Outputs in ``--out``: ``<recording>.selections.txt`` (Raven Pro, one per recording, named
+after its path relative to the inputs' common folder), ``detections.csv`` and
+``detections.jsonl`` (every recording), ``<recording>.labels.txt`` (Audacity, on request),
+``errors.csv``, ``journal.jsonl``.
+
+    $ naturelm-edge analyze bundle/ recordings/ "more/*.flac" --out results --backend cpu
+    >>> analyze(Path("bundle"), ["site1/"], out=Path("results"))  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from runtime.bundle import Bundle, BundleManifest, load_bundle
+from runtime.errors import InputError
+from runtime.journal import Entry, Journal, file_key
+from runtime.postprocess import (
+    Detection,
+    Thresholds,
+    activate,
+    check_labels,
+    load_label_list,
+    load_thresholds,
+    merge_consecutive,
+    select,
+    sort_detections,
+)
+from runtime.runners import Runner, open_runner
+from runtime.windows import Window, WindowSpec, iter_windows
+from runtime.writers import (
+    check_formats,
+    write_audacity,
+    write_csv,
+    write_errors,
+    write_jsonl,
+    write_raven,
+)
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif",
+                            ".aiff", ".aifc", ".w64", ".rf64", ".caf", ".au", ".snd"})
+DEFAULT_FORMATS = ("raven", "csv", "jsonl")
+JOURNAL, ERRORS = "journal.jsonl", "errors.csv"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides a recording's detections (fingerprinted into the journal)."""
+
+    spec: WindowSpec
+    tasks: tuple[str, ...]
+    thresholds: Thresholds
+    top_k: int | None
+    include: frozenset[str] | None
+    exclude: frozenset[str]
+    merge: bool
+    merge_gap_s: float
+    channel: int | None
+    formats: tuple[str, ...]
+
+    def fingerprint(self, bundle: Bundle, model: str) -> str:
+        data = {
+            "bundle": sorted(bundle.manifest.files.items()), "model": model,
+            "window": [self.spec.window_s, self.spec.hop_s, self.spec.last],
+            "tasks": self.tasks, "top_k": self.top_k, "merge": [self.merge, self.merge_gap_s],
+            "include": sorted(self.include) if self.include is not None else None,
+            "exclude": sorted(self.exclude), "channel": self.channel, "formats": self.formats,
+            "thresholds": [sorted(self.thresholds.defaults.items()), self.thresholds.global_,
+                           sorted(self.thresholds.per_task.items()),
+                           sorted((f"{t}/{lb}", v)
+                                  for (t, lb), v in self.thresholds.per_label.items())],
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def analyze(
+    bundle: Path,
+    paths: list[str],
+    out: Path = Path("detections"),
+    backend: Literal["cpu", "cuda", "tensorrt", "engine"] = "cpu",
+    precision: str | None = None,
+    batch_size: int = 8,
+    threads: int | None = None,
+    hop_s: float | None = None,
+    overlap_s: float | None = None,
+    tasks: list[str] | None = None,
+    threshold: float | None = None,
+    thresholds_file: Path | None = None,
+    top_k: int | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    merge: bool = True,
+    merge_gap_s: float = 0.0,
+    formats: list[str] | None = None,
+    channel: int | None = None,
+    block_s: float = 10.0,
+    resume: bool = True,
+    progress: bool = True,
+) -> int:
+    """Analyse recordings with a bundle; writes detections, errors and a journal to --out.
+
+    Args:
+        bundle: the bundle folder or .tar.gz.
+        paths: audio files, folders (searched recursively) and glob patterns.
+        out: output folder (created).
+        backend: cpu, cuda or tensorrt (ONNX Runtime, with logged fallback) or engine (native TensorRT).
+        precision: pick the bundle's model of this precision (fp32, fp16, int8).
+        batch_size: windows per model call, across recordings.
+        threads: ONNX Runtime intra-op threads (default: one per core).
+        hop_s: hop between windows in seconds (default: the bundle's).
+        overlap_s: overlap between windows in seconds (instead of hop_s).
+        tasks: only these of the bundle's tasks (default: all).
+        threshold: one threshold for every task and label (overrides the bundle's defaults).
+        thresholds_file: CSV task,label,threshold with per-task / per-label thresholds.
+        top_k: keep at most this many labels per window and task.
+        include: labels to keep (label names, or files listing one label per line).
+        exclude: labels to drop (label names, or files listing one label per line).
+        merge: merge consecutive windows with the same label into one detection.
+        merge_gap_s: merge detections at most this far apart.
+        formats: outputs among raven, csv, jsonl, audacity (default: raven csv jsonl).
+        channel: analyse this 0-based channel (default: the mean of all channels).
+        block_s: seconds decoded at a time (memory stays flat whatever the length).
+        resume: skip recordings the journal in --out lists as finished.
+        progress: show a progress line with ETA and times-real-time on stderr.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="naturelm-edge: %(message)s")
+    try:
+        loaded = load_bundle(bundle)
+        settings = _settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
+                             thresholds_file, top_k, include, exclude, merge, merge_gap_s,
+                             formats, channel)
+        if batch_size < 1 or block_s <= 0:
+            raise ValueError("batch_size must be >= 1 and block_s positive")
+        runner = open_runner(loaded, backend, threads=threads, precision=precision)
+        model = str(getattr(runner, "model", getattr(runner, "engine_path", "")))
+        journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, Path(model).name),
+                               resume)
+    except (InputError, ValueError, KeyError) as exc:
+        print(f"naturelm-edge analyze: {exc}", file=sys.stderr)
+        return 2
+    recordings, missing = expand_paths(paths)
+    remove_stale_temporaries(out)
+    run = _Run(loaded, settings, out, recordings, progress)
+    with journal:
+        for path, reason in missing:
+            run.record_error(journal, path, reason)
+        todo = [r for r in recordings if journal.done(r) is None]
+        run.resumed = len(recordings) - len(todo)
+        load_start = time.perf_counter()
+        with runner:
+            run.load_s = time.perf_counter() - load_start
+            run.process(runner, todo, journal, batch_size, block_s)
+        run.write_combined(journal)
+        failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
+    run.summary(backend, model, failed)
+    return 1 if failed else 0
+
+
+def _settings(manifest: BundleManifest, hop_s: float | None, overlap_s: float | None,
+              tasks: Sequence[str] | None, threshold: float | None,
+              thresholds_file: Path | None, top_k: int | None,
+              include: Sequence[str] | None, exclude: Sequence[str] | None, merge: bool,
+              merge_gap_s: float, formats: Sequence[str] | None, channel: int | None,
+              ) -> Settings:
+    if hop_s is not None and overlap_s is not None:
+        raise ValueError("give --hop-s or --overlap-s, not both")
+    hop = manifest.hop_s if hop_s is None else hop_s
+    if overlap_s is not None:
+        if not 0 <= overlap_s < manifest.window_s:
+            raise ValueError(f"overlap_s must be in [0, {manifest.window_s}), got {overlap_s}")
+        hop = manifest.window_s - overlap_s
+    chosen = tuple(tasks) if tasks else tuple(t.name for t in manifest.tasks)
+    for name in chosen:
+        manifest.task(name)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    rules = Thresholds(defaults={t.name: t.threshold for t in manifest.tasks}, global_=threshold)
+    if thresholds_file is not None:
+        rules = load_thresholds(thresholds_file, rules)
+    known = {label for t in manifest.tasks for label in t.labels}
+    wanted = _labels(include, known, "--include") if include else None
+    unwanted = _labels(exclude, known, "--exclude") if exclude else frozenset()
+    return Settings(WindowSpec(manifest.window_s, hop, last="pad"), chosen, rules, top_k,
+                    wanted, unwanted, merge, merge_gap_s, channel,
+                    check_formats(formats or DEFAULT_FORMATS))
+
+
+def _labels(items: Sequence[str], known: set[str], option: str) -> frozenset[str]:
+    labels: set[str] = set()
+    for item in items:
+        labels |= load_label_list(item) if Path(item).is_file() else {item}
+    check_labels(labels, known, option)
+    return frozenset(labels)
+
+
+def expand_paths(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Recordings named by files, folders (recursive, audio suffixes only) and globs, sorted
+    and without duplicates; and the arguments that name nothing, with the reason."""
+    found: dict[str, Path] = {}
+    missing: list[tuple[Path, str]] = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            hits = [p for p in path.rglob("*") if p.is_file() and _is_audio(p)]
+        elif path.exists():
+            hits = [path]
+        elif glob.has_magic(arg):
+            hits = [Path(p) for p in glob.glob(arg, recursive=True)]
+            hits = [p for p in hits if p.is_file() and (_is_audio(p) or not p.is_dir())]
+            if not hits:
+                missing.append((path, "the pattern matches no file"))
+        else:
+            missing.append((path, "no such file or folder"))
+            continue
+        for hit in hits:
+            found.setdefault(str(hit.absolute()), hit.absolute())
+    return [found[k] for k in sorted(found)], missing
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temporary files that atomic writes killed mid-way left in `out`
+    (``.<name>.<random>.tmp``); the files they were meant to replace are intact."""
+    stale = [p for p in out.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def _is_audio(path: Path) -> bool:
+    return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
+
+
+@dataclass
+class _Recording:
+    """Bookkeeping for one recording while its windows are in flight."""
+
+    path: Path
+    windows_queued: int = 0
+    windows_done: int = 0
+    ended: bool = False
+    duration_s: float = 0.0
+    reached_s: float = 0.0
+    detections: list[Detection] = field(default_factory=list)
+
+
+class _Producer(threading.Thread):
+    """Decodes recordings in order and puts windows (and end / error markers) on a queue."""
+
+    def __init__(self, recordings: Sequence[Path], rate: int, spec: WindowSpec,
+                 channel: int | None, block_s: float, depth: int) -> None:
+        super().__init__(name="naturelm-edge-decoder", daemon=True)
+        self.recordings, self.rate, self.spec = recordings, rate, spec
+        self.channel, self.block_s = channel, block_s
+        self.items: queue.Queue[tuple[str, int, Any]] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def _put(self, item: tuple[str, int, Any]) -> None:
+        while not self.stop.is_set():
+            try:
+                self.items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        from runtime.audio import stream_audio
+
+        for index, path in enumerate(self.recordings):
+            samples = [0]
+
+            def counted(blocks: Iterator[np.ndarray], tally: list[int] = samples,
+                        ) -> Iterator[np.ndarray]:
+                for block in blocks:
+                    tally[0] += len(block)
+                    yield block
+
+            try:
+                blocks = stream_audio(path, self.rate, block_s=self.block_s, channel=self.channel)
+                for window in iter_windows(counted(blocks), self.rate, self.spec):
+                    if self.stop.is_set():
+                        return
+                    self._put(("window", index, window))
+            except (InputError, OSError) as exc:
+                reason = exc.reason if isinstance(exc, InputError) else str(exc)
+                self._put(("error", index, reason))
+                continue
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised
+                self._put(("fatal", index, exc))
+                return
+            self._put(("end", index, samples[0] / self.rate))
+        self._put(("done", -1, None))
+
+
+class _Run:
+    """One invocation: the consumer loop, per-recording outputs, progress and summary."""
+
+    def __init__(self, bundle: Bundle, settings: Settings, out: Path,
+                 recordings: Sequence[Path], progress: bool) -> None:
+        self.bundle, self.settings, self.out = bundle, settings, out
+        self.root = _common_root(recordings)
+        self.progress = progress
+        self.resumed = 0
+        self.load_s = 0.0
+        self.started = time.perf_counter()
+        self.total_s = 0.0
+        self.done_s = 0.0
+        self.finished = 0
+        self.ok = 0
+        self.todo = 0
+        self.analysed_s = 0.0
+        self.new_detections = 0
+        self._last_progress = 0.0
+
+    # -- the consumer loop
+
+    def process(self, runner: Runner, todo: Sequence[Path], journal: Journal,
+                batch_size: int, block_s: float) -> None:
+        if not todo:
+            return
+        self.todo = len(todo)
+        self.total_s = _total_duration(todo)
+        recs = [_Recording(p) for p in todo]
+        producer = _Producer(todo, self.bundle.manifest.sample_rate, self.settings.spec,
+                             self.settings.channel, block_s, depth=4 * batch_size)
+        producer.start()
+        pending: list[tuple[int, Window]] = []
+        try:
+            while True:
+                kind, index, payload = producer.items.get()
+                if kind == "window":
+                    pending.append((index, payload))
+                    recs[index].windows_queued += 1
+                    if len(pending) >= batch_size:
+                        self._flush(runner, recs, pending, journal)
+                elif kind == "end":
+                    recs[index].ended, recs[index].duration_s = True, payload
+                    if recs[index].windows_done == recs[index].windows_queued:
+                        self._finish(recs[index], journal)
+                elif kind == "error":
+                    pending = [(i, w) for i, w in pending if i != index]
+                    self._fail(recs[index], payload, journal)
+                elif kind == "fatal":
+                    raise payload
+                else:
+                    self._flush(runner, recs, pending, journal)
+                    break
+        finally:
+            producer.stop.set()
+            self._end_progress()
+
+    def _flush(self, runner: Runner, recs: list[_Recording],
+               pending: list[tuple[int, Window]], journal: Journal) -> None:
+        if not pending:
+            return
+        batch = np.stack([w.samples for _, w in pending]).astype(np.float32, copy=False)
+        outputs = runner.infer({"audio": batch})
+        owners = np.array([i for i, _ in pending])
+        starts = np.array([w.start_s for _, w in pending])
+        ends = np.array([w.end_s for _, w in pending])
+        for name in self.settings.tasks:
+            task = self.bundle.manifest.task(name)
+            scores = activate(outputs[task.output], task.activation)
+            for index in np.unique(owners):
+                rows = owners == index
+                recs[index].detections += select(
+                    str(recs[index].path), starts[rows], ends[rows], task.name, task.labels,
+                    scores[rows], self.settings.thresholds, self.settings.top_k,
+                    self.settings.include, self.settings.exclude)
+        for index, window in pending:
+            rec = recs[index]
+            rec.windows_done += 1
+            self._advance(rec, window.end_s)
+        pending.clear()
+        for rec in {id(recs[i]): recs[i] for i in owners}.values():
+            if rec.ended and rec.windows_done == rec.windows_queued:
+                self._finish(rec, journal)
+        self._show_progress()
+
+    def _advance(self, rec: _Recording, reached_s: float) -> None:
+        if reached_s > rec.reached_s:
+            self.done_s += reached_s - rec.reached_s
+            rec.reached_s = reached_s
+
+    def _finish(self, rec: _Recording, journal: Journal) -> None:
+        dets = (merge_consecutive(rec.detections, self.settings.merge_gap_s)
+                if self.settings.merge else sort_detections(rec.detections))
+        stem = self._stem(rec.path)
+        if "raven" in self.settings.formats:
+            write_raven(stem.with_name(stem.name + ".selections.txt"), dets)
+        if "audacity" in self.settings.formats:
+            write_audacity(stem.with_name(stem.name + ".labels.txt"), dets)
+        name, size, mtime = file_key(rec.path)
+        journal.append(Entry(name, size, mtime, "ok", rec.duration_s, detections=tuple(dets)))
+        self._advance(rec, rec.duration_s)
+        self.analysed_s += rec.duration_s
+        self.new_detections += len(dets)
+        self.finished += 1
+        self.ok += 1
+        rec.detections = []
+
+    def _fail(self, rec: _Recording, reason: str, journal: Journal) -> None:
+        self.record_error(journal, rec.path, reason)
+        self.finished += 1
+        rec.detections = []
+
+    def record_error(self, journal: Journal, path: Path, reason: str) -> None:
+        stem = self._stem(path)
+        for suffix in (".selections.txt", ".labels.txt"):
+            stem.with_name(stem.name + suffix).unlink(missing_ok=True)
+        name, size, mtime = file_key(path)
+        journal.append(Entry(name, size, mtime, "error", reason=reason))
+        if self._last_progress:
+            print(file=sys.stderr)  # end the progress line before the message
+        log.warning("%s: %s", path, reason)
+
+    def _stem(self, path: Path) -> Path:
+        absolute = path.absolute()
+        try:
+            rel = absolute.relative_to(self.root)
+        except ValueError:
+            rel = Path(absolute.name)
+        return self.out / rel
+
+    # -- combined outputs, progress, summary
+
+    def write_combined(self, journal: Journal) -> None:
+        entries = sorted(journal.entries.values(), key=lambda e: e.file)
+        dets = [d for e in entries if e.status == "ok" for d in e.detections]
+        if "csv" in self.settings.formats:
+            write_csv(self.out / "detections.csv", dets)
+        if "jsonl" in self.settings.formats:
+            write_jsonl(self.out / "detections.jsonl", dets)
+        write_errors(self.out / ERRORS, [(e.file, e.reason) for e in entries
+                                         if e.status == "error"])
+
+    def failed(self, journal: Journal, paths: Sequence[Path]) -> list[Entry]:
+        entries = [journal.entries.get(str(p.absolute())) for p in paths]
+        return [e for e in entries if e is not None and e.status == "error"]
+
+    def _show_progress(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.progress or (not force and now - self._last_progress < 0.5):
+            return
+        self._last_progress = now
+        wall = max(now - self.started, 1e-9)
+        speed = self.done_s / wall
+        left = max(self.total_s - self.done_s, 0.0)
+        eta = _clock(left / speed) if speed > 0 else "?"
+        print(f"\ranalyze: {self.finished}/{self.todo} recordings, {_clock(self.done_s)} of "
+              f"{_clock(self.total_s)} audio, {speed:.1f}x real time, ETA {eta}   ",
+              end="", file=sys.stderr, flush=True)
+
+    def _end_progress(self) -> None:
+        if self.progress and self._last_progress:
+            self._show_progress(force=True)
+            print(file=sys.stderr)
+
+    def summary(self, backend: str, model: str, failed: Sequence[Entry]) -> None:
+        wall = time.perf_counter() - self.started
+        speed = self.analysed_s / wall if wall > 0 else 0.0
+        lines = [
+            f"analysed {self.finished} recording(s) ({self.ok} ok), "
+            f"{self.resumed} already in the journal; {_clock(self.analysed_s)} of audio in "
+            f"{_clock(wall)} ({speed:.1f}x real time) on {backend} with {Path(model).name}, "
+            f"model loaded in {self.load_s * 1000:.0f} ms",
+            f"{self.new_detections} new detection(s); outputs in {self.out}",
+        ]
+        if failed:
+            lines.append(f"{len(failed)} recording(s) failed: see {self.out / ERRORS}")
+        print("\n".join(lines))
+
+
+
+def _total_duration(paths: Sequence[Path]) -> float:
+    from runtime.audio import audio_info
+
+    total = 0.0
+    for path in paths:
+        try:
+            total += audio_info(path).duration_s
+        except InputError:
+            continue  # the decoder reports it with the reason when it gets there
+    return total
+
+
+def _common_root(paths: Sequence[Path]) -> Path:
+    if not paths:
+        return Path.cwd()
+    return Path(os.path.commonpath([str(p.absolute().parent) for p in paths]))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
