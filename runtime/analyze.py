@@ -232,8 +232,9 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str
         elif path.exists():
             hits = [path]
         elif glob.has_magic(arg):
-            hits = [Path(p) for p in glob.glob(arg, recursive=True)]
-            hits = [p for p in hits if p.is_file() and (_is_audio(p) or not p.is_dir())]
+            matched = [Path(p) for p in glob.glob(arg, recursive=True)]
+            hits = [p for m in matched for p in ([m] if m.is_file() else m.rglob("*"))
+                    if p.is_file() and _is_audio(p)]
             if not hits:
                 missing.append((path, "the pattern matches no file"))
         else:
@@ -322,9 +323,9 @@ class _Run:
     """One invocation: the consumer loop, per-recording outputs, progress and summary."""
 
     def __init__(self, bundle: Bundle, settings: Settings, out: Path,
-                 recordings: Sequence[Path], progress: bool) -> None:
+                 recordings: Sequence[Path], progress: bool, root: Path | None = None) -> None:
         self.bundle, self.settings, self.out = bundle, settings, out
-        self.root = _common_root(recordings)
+        self.root = root.absolute() if root is not None else _common_root(recordings)
         self.progress = progress
         self.resumed = 0
         self.load_s = 0.0

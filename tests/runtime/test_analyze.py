@@ -307,3 +307,18 @@ def test_sigkill_midway_then_rerun_gives_no_duplicate_missing_or_torn_output(
     entries = (out / "journal.jsonl").read_text().splitlines()[1:]
     assert len({json.loads(e)["file"] for e in entries}) == 17
     assert not list(out.rglob("*.tmp"))
+
+
+def test_paths_expand_files_folders_and_globs(tmp_path: Path) -> None:
+    from runtime.analyze import expand_paths
+
+    for rel in ("a/x.wav", "a/b/y.FLAC", "a/notes.txt", "c/z.mp3", "c/.hidden.wav"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found, missing = expand_paths([str(tmp_path / "a"), str(tmp_path / "c" / "*.mp3"),
+                                   str(tmp_path / "a" / "notes.txt"), str(tmp_path / "a/x.wav"),
+                                   str(tmp_path / "*.ogg"), str(tmp_path / "gone.wav")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a/b/y.FLAC", "a/notes.txt", "a/x.wav", "c/z.mp3"]
+    assert [(p.name, why) for p, why in missing] == [
+        ("*.ogg", "the pattern matches no file"), ("gone.wav", "no such file or folder")]
