@@ -204,6 +204,16 @@ def _activation(name: str, x: Tensor) -> Tensor:
     return x
 
 
+def _tap_norm(v: Tensor) -> Tensor:
+    """``[1, 1, K]`` L2 norm of a ``[out, in, K]`` kernel per tap, as weight_norm(dim=2).
+
+    Reduced over one contiguous row per tap: a strided reduction over dims (0, 1) is ~100x
+    less accurate in float32 (~1e-5 relative at 768 x 48 elements).
+    """
+    rows = v.transpose(0, 2).reshape(v.shape[2], -1)
+    return torch.linalg.vector_norm(rows, dim=1).view(1, 1, -1)
+
+
 class WeightNormConv1d(nn.Module):
     """Conv1d with weight normalisation over dim 2, stored as ``weight_g`` / ``weight_v``.
 
@@ -217,14 +227,13 @@ class WeightNormConv1d(nn.Module):
         self.padding = kernel_size // 2
         weight = torch.empty(channels, channels // groups, kernel_size)
         nn.init.normal_(weight, mean=0.0, std=math.sqrt(4.0 / (kernel_size * channels)))
-        self.weight_g = nn.Parameter(weight.norm(dim=(0, 1), keepdim=True))
+        self.weight_g = nn.Parameter(_tap_norm(weight))
         self.weight_v = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def weight(self) -> Tensor:
         """The effective kernel ``g * v / ||v||`` (norm over output and input channels)."""
-        v = self.weight_v
-        return v * (self.weight_g / v.norm(dim=(0, 1), keepdim=True))
+        return self.weight_v * (self.weight_g / _tap_norm(self.weight_v))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
