@@ -310,14 +310,21 @@ class NatureLM(nn.Module):
 
     def generate_ids(self, audio: torch.Tensor, instructions: Sequence[str],
                      max_new_tokens: int = 24, num_beams: int = 1) -> list[list[int]]:
-        """Greedy (``num_beams=1``) or beam-search answer token ids, stop token excluded."""
+        """Greedy (``num_beams=1``) or beam-search answer token ids, stop token excluded.
+
+        Embedding rows beyond the tokenizer's vocabulary (a built LLM may have spare rows)
+        are never generated.
+        """
         from transformers import GenerationConfig
 
         with self._inference():
             batch = self.build_inputs(audio, instructions, left_pad=True)
+            rows = self.llama_model.get_input_embeddings().weight.shape[0]
+            unused = list(range(len(self.tokenizer), rows))  # rows no token decodes to
             gen = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    do_sample=False, eos_token_id=self.stop_ids,
-                                   pad_token_id=self.pad_id, bos_token_id=self.bos_id)
+                                   pad_token_id=self.pad_id, bos_token_id=self.bos_id,
+                                   suppress_tokens=unused or None)
             out = self.llama_model.generate(inputs_embeds=batch.inputs_embeds,
                                             attention_mask=batch.attention_mask,
                                             generation_config=gen)
@@ -434,10 +441,11 @@ def _label_sets(labels: Sequence[str] | Sequence[Sequence[str]], rows: int) -> l
 def clip_windows(n_samples: int, clip_samples: int, hop_samples: int) -> list[tuple[int, int]]:
     """Start / end samples of windows covering ``n_samples`` (the last one may be partial,
     it is zero-padded by the model); at least one window."""
-    if hop_samples <= 0:
-        raise ValueError(f"hop must be positive, got {hop_samples} samples")
+    if not 0 < hop_samples <= clip_samples:
+        raise ValueError(f"hop must be in (0, clip] = (0, {clip_samples}] samples so no audio "
+                         f"is skipped, got {hop_samples}")
     starts = list(range(0, max(n_samples - clip_samples, 0) + 1, hop_samples))
-    if starts[-1] + clip_samples < n_samples:
+    while starts[-1] + clip_samples < n_samples:
         starts.append(starts[-1] + hop_samples)
     return [(s, min(s + clip_samples, n_samples)) for s in starts]
 
