@@ -153,7 +153,7 @@ def analyze(
         logging.basicConfig(level=logging.WARNING, format="naturelm-edge: %(message)s")
     try:
         loaded = load_bundle(bundle)
-        settings = _settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
+        settings = make_settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
                              thresholds_file, top_k, include, exclude, merge, merge_gap_s,
                              formats, channel)
         if batch_size < 1 or block_s <= 0:
@@ -167,7 +167,7 @@ def analyze(
         return 2
     recordings, missing = expand_paths(paths)
     remove_stale_temporaries(out)
-    run = _Run(loaded, settings, out, recordings, progress)
+    run = Analysis(loaded, settings, out, recordings, progress)
     with journal:
         for path, reason in missing:
             run.record_error(journal, path, reason)
@@ -183,12 +183,13 @@ def analyze(
     return 1 if failed else 0
 
 
-def _settings(manifest: BundleManifest, hop_s: float | None, overlap_s: float | None,
+def make_settings(manifest: BundleManifest, hop_s: float | None, overlap_s: float | None,
               tasks: Sequence[str] | None, threshold: float | None,
               thresholds_file: Path | None, top_k: int | None,
               include: Sequence[str] | None, exclude: Sequence[str] | None, merge: bool,
               merge_gap_s: float, formats: Sequence[str] | None, channel: int | None,
               ) -> Settings:
+    """The checked settings of a run from the command-line options (see `analyze`)."""
     if hop_s is not None and overlap_s is not None:
         raise ValueError("give --hop-s or --overlap-s, not both")
     hop = manifest.hop_s if hop_s is None else hop_s
@@ -228,13 +229,13 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            hits = [p for p in path.rglob("*") if p.is_file() and _is_audio(p)]
+            hits = [p for p in path.rglob("*") if p.is_file() and is_audio(p)]
         elif path.exists():
             hits = [path]
         elif glob.has_magic(arg):
             matched = [Path(p) for p in glob.glob(arg, recursive=True)]
             hits = [p for m in matched for p in ([m] if m.is_file() else m.rglob("*"))
-                    if p.is_file() and _is_audio(p)]
+                    if p.is_file() and is_audio(p)]
             if not hits:
                 missing.append((path, "the pattern matches no file"))
         else:
@@ -254,7 +255,8 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return stale
 
 
-def _is_audio(path: Path) -> bool:
+def is_audio(path: Path) -> bool:
+    """Whether `path` has an audio suffix and is not a hidden file."""
     return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
 
 
@@ -319,8 +321,9 @@ class _Producer(threading.Thread):
         self._put(("done", -1, None))
 
 
-class _Run:
-    """One invocation: the consumer loop, per-recording outputs, progress and summary."""
+class Analysis:
+    """One run over a list of recordings: the consumer loop, per-recording outputs,
+    progress and summary (used by `analyze` and by each round of `watch`)."""
 
     def __init__(self, bundle: Bundle, settings: Settings, out: Path,
                  recordings: Sequence[Path], progress: bool, root: Path | None = None) -> None:
@@ -342,7 +345,9 @@ class _Run:
     # -- the consumer loop
 
     def process(self, runner: Runner, todo: Sequence[Path], journal: Journal,
-                batch_size: int, block_s: float) -> None:
+                batch_size: int, block_s: float, stop: threading.Event | None = None) -> None:
+        """Analyse `todo`; a set `stop` ends the loop early, leaving the recordings not yet
+        finished out of the journal (they are analysed next time)."""
         if not todo:
             return
         self.todo = len(todo)
@@ -353,8 +358,11 @@ class _Run:
         producer.start()
         pending: list[tuple[int, Window]] = []
         try:
-            while True:
-                kind, index, payload = producer.items.get()
+            while stop is None or not stop.is_set():
+                try:
+                    kind, index, payload = producer.items.get(timeout=0.2)
+                except queue.Empty:
+                    continue
                 if kind == "window":
                     pending.append((index, payload))
                     recs[index].windows_queued += 1
