@@ -1,0 +1,296 @@
+"""`naturelm-edge distill label`: run the teacher over a corpus and write a target store.
+
+Lightning prediction: `LabelModule` wraps the teacher, `LabelDataModule` serves the records that
+have no target yet, and `TargetWriter` (a `BasePredictionWriter`) writes every batch of every
+rank as its own shard (`distill.targets`). Many GPUs or nodes are a Trainer ``devices`` /
+``num_nodes`` / ``strategy`` away; Lightning's prediction sampler never repeats a record across
+ranks. What is already in the store is computed on every rank in ``setup``, before the setup
+barrier and before anything is written, so all ranks agree on the work left.
+
+For every record: the greedy answer (`NatureLM.generate`), the log-likelihood of every label
+(`NatureLM.score_labels`, ``normalize="sum"``) and, for detection, the per-label presence
+probabilities of `distill.targets.marginal_probs`.
+
+    $ naturelm-edge distill label runs/teacher-tiny/teacher.ckpt corpus/manifest.jsonl \\
+          runs/targets --batch-size 8 --devices 2 --strategy ddp
+
+    >>> from tests.teacher.helpers import tiny_model, chirps
+    >>> from corpus.records import Record
+    >>> from corpus.tasks import instruction_for
+    >>> rec = Record(id="c1.species", task="species", instruction=instruction_for("species"),
+    ...              output="Kea", labels=("Kea", "Tui"))
+    >>> rows = teacher_rows(tiny_model(), chirps(1, 2.0), [rec])
+    >>> sorted(rows[0]), len(rows[0]["scores"])
+    (['answer', 'id', 'scores', 'task'], 2)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from corpus.records import Record
+from corpus.tasks import NONE_LABEL, get_task
+from distill.targets import (
+    TargetMeta,
+    TaskLabels,
+    answer_text,
+    detection_candidates,
+    done_keys,
+    marginal_probs,
+    next_seq,
+    write_index,
+    write_meta,
+    write_part,
+)
+from runtime.errors import InputError, ManifestError
+
+
+def _parse_answer(task: str, answer: str, labels: Sequence[str]) -> list[str]:
+    try:
+        return get_task(task).parse(answer, labels)
+    except KeyError:
+        return [x for x in (p.strip() for p in answer.split(",")) if x in labels]
+
+
+def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
+                 max_new_tokens: int = 24, num_beams: int = 1) -> list[dict[str, Any]]:
+    """The target rows of a batch: ``audio[B, clip_samples]`` and its records, one row each."""
+    from teacher.lightning import is_multi_label
+
+    instructions = [r.instruction for r in records]
+    answers = model.generate(audio, instructions, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams)
+    candidates: list[list[frozenset[str]] | None] = []
+    texts: list[list[str]] = []
+    for record, answer in zip(records, answers, strict=True):
+        labels = list(record.labels)
+        if is_multi_label(record.task):
+            cands = detection_candidates(labels, _parse_answer(record.task, answer, labels))
+            candidates.append(cands)
+            texts.append([answer_text(c, NONE_LABEL) for c in cands])
+        else:
+            candidates.append(None)
+            texts.append(labels)
+    scores = model.score_labels(audio, instructions, texts).double().cpu().numpy()
+    rows = []
+    for i, record in enumerate(records):
+        n = len(record.labels)
+        row: dict[str, Any] = {"id": record.id, "task": record.task, "answer": answers[i],
+                               "scores": [float(v) for v in scores[i, :n]]}
+        cands = candidates[i]
+        if cands is not None:
+            probs = marginal_probs(cands, scores[i, :len(cands)], record.labels)
+            row["probs"] = [float(v) for v in probs]
+        rows.append(row)
+    return rows
+
+
+class LabelDataset(Dataset):
+    """Records as ``{"audio": [clip_samples], "index": i}`` at the teacher's rate and length."""
+
+    def __init__(self, records: Sequence[Record], sample_rate: int, clip_s: float) -> None:
+        self.records = list(records)
+        self.sample_rate = sample_rate
+        self.samples = int(round(clip_s * sample_rate))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from teacher.lightning import fit_length, load_clip
+
+        audio = load_clip(self.records[index], self.sample_rate)
+        cut = max(0, audio.shape[0] - self.samples) / self.sample_rate
+        clip = fit_length(audio, self.samples, None)
+        return {"audio": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)),
+                "record": _plain(self.records[index]), "cut_s": cut}
+
+
+def _plain(record: Record) -> dict[str, Any]:
+    """What `teacher_rows` needs of a record, as a dict (Lightning moves batches through
+    `apply_to_collection`, which refuses frozen dataclasses)."""
+    return {"id": record.id, "task": record.task, "instruction": record.instruction,
+            "labels": list(record.labels)}
+
+
+def _from_plain(row: dict[str, Any]) -> Record:
+    return Record(id=row["id"], task=row["task"], instruction=row["instruction"], output="",
+                  labels=tuple(row["labels"]))
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"audio": torch.stack([x["audio"] for x in items]),
+            "records": [x["record"] for x in items], "cut_s": [x["cut_s"] for x in items]}
+
+
+class LabelDataModule(pl.LightningDataModule):
+    """The records of ``records`` with no target in the store at ``out`` yet."""
+
+    def __init__(self, records: Sequence[Record], out: Path, sample_rate: int, clip_s: float,
+                 batch_size: int = 8, num_workers: int = 0) -> None:
+        super().__init__()
+        self.records = list(records)
+        self.out = Path(out)
+        self.sample_rate = sample_rate
+        self.clip_s = clip_s
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pending: list[Record] = []
+        self.already = 0
+
+    def setup(self, stage: str) -> None:
+        done = done_keys(self.out)
+        self.pending = [r for r in self.records if (r.id, r.task) not in done]
+        self.already = len(self.records) - len(self.pending)
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = LabelDataset(self.pending, self.sample_rate, self.clip_s)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=_collate)
+
+
+class LabelModule(pl.LightningModule):
+    """The teacher in prediction: ``predict_step`` returns the target rows of a batch."""
+
+    def __init__(self, teacher: torch.nn.Module, max_new_tokens: int = 24,
+                 num_beams: int = 1) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        records = [_from_plain(r) for r in batch["records"]]
+        rows = teacher_rows(self.teacher, batch["audio"], records, self.max_new_tokens,
+                            self.num_beams)
+        for row, cut in zip(rows, batch["cut_s"], strict=True):
+            if cut > 0:
+                row["cut_s"] = float(cut)
+        return rows
+
+
+class TargetWriter(BasePredictionWriter):
+    """Writes each batch's rows as one shard of this rank; the index once all ranks are done."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.out = Path(out)
+        self.rank = 0
+        self.seq = 0
+        self.written = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank
+        self.seq = next_seq(self.out, self.rank)
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           prediction: Any, batch_indices: Sequence[int] | None, batch: Any,
+                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        write_part(self.out, self.rank, self.seq, prediction)
+        self.seq += 1
+        self.written += len(prediction)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier("targets_written")
+        if trainer.is_global_zero:
+            write_index(self.out)
+
+
+def label_sets(records: Sequence[Record], where: Path) -> dict[str, TaskLabels]:
+    """Each task's label set; a task whose records disagree on it raises `ManifestError`."""
+    from teacher.lightning import is_multi_label
+
+    sets: dict[str, TaskLabels] = {}
+    for r in records:
+        entry = TaskLabels(tuple(r.labels), is_multi_label(r.task))
+        if sets.setdefault(r.task, entry) != entry:
+            raise ManifestError(where, f"record {r.id!r}: task {r.task!r} has label set "
+                                       f"{list(r.labels)}, others {list(sets[r.task].labels)}")
+    return sets
+
+
+def select_records(manifest: Path, split: str | None, tasks: Sequence[str] | None
+                   ) -> tuple[list[Record], int]:
+    """Records to label (of ``split`` and ``tasks``) and the count skipped for no label set."""
+    from corpus.manifest import read_manifest
+
+    records = [r for r in read_manifest(manifest)
+               if (split is None or r.split == split) and (not tasks or r.task in set(tasks))]
+    usable = [r for r in records if r.labels]
+    if not usable:
+        raise ManifestError(manifest, "no records with a label set to label"
+                            + (f" in split {split!r}" if split else "")
+                            + (f" for tasks {list(tasks)}" if tasks else ""))
+    return usable, len(records) - len(usable)
+
+
+def label(teacher: Path, manifest: Path, out: Path, batch_size: int = 8,
+          split: str | None = None, tasks: list[str] | None = None, accelerator: str = "auto",
+          devices: str = "auto", strategy: str = "auto", num_nodes: int = 1,
+          precision: str = "32-true", num_workers: int = 0, max_new_tokens: int = 24,
+          num_beams: int = 1, resume: bool = True) -> int:
+    """Label a corpus with the teacher: per clip and task, every label's log-likelihood, the
+    generated answer and the teacher's config hash, sharded by rank (resumable).
+
+    Args:
+        teacher: a teacher checkpoint (`naturelm-edge teacher fit`).
+        manifest: a JSONL / CSV manifest of records.
+        out: the target store folder (created; an existing one of the same teacher is resumed).
+        batch_size: clips per forward and per shard.
+        split: label only this split (default: all).
+        tasks: label only these tasks (default: all with a label set).
+        accelerator: Lightning accelerator (cpu, gpu, auto).
+        devices: devices per node (a number, a list like "0,1", or auto).
+        strategy: Lightning strategy (auto, ddp, ...).
+        num_nodes: nodes.
+        precision: Lightning precision (32-true, bf16-mixed, ...).
+        num_workers: DataLoader worker processes per rank.
+        max_new_tokens: longest generated answer.
+        num_beams: beam width of the generated answer (1 is greedy).
+        resume: continue a store that holds shards; with --no-resume such a store is refused.
+    """
+    from teacher.checkpoint import load_teacher
+    from teacher.config import config_hash
+
+    out = Path(out)
+    records, unlabelled = select_records(Path(manifest), split, tasks)
+    if not resume and any(out.glob("shards/part-*.jsonl")):
+        raise InputError(out, "already holds targets; resume it, or choose an empty folder")
+    model = load_teacher(teacher)
+    cfg = model.cfg
+    meta = TargetMeta(teacher_hash=config_hash(cfg), teacher_config=cfg.to_dict(),
+                      tasks=label_sets(records, Path(manifest)), sample_rate=cfg.sample_rate,
+                      clip_s=cfg.clip_s)
+    write_meta(out, meta)
+    data = LabelDataModule(records, out, cfg.sample_rate, cfg.clip_s, batch_size, num_workers)
+    writer = TargetWriter(out)
+    trainer = pl.Trainer(accelerator=accelerator, devices=_devices(devices), strategy=strategy,
+                         num_nodes=num_nodes, precision=precision, callbacks=[writer],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.predict(LabelModule(model, max_new_tokens, num_beams), datamodule=data,
+                    return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"{out}: {len(records)} clip-tasks, {data.already} already labelled, "
+              f"{len(records) - data.already} labelled now (teacher {meta.teacher_hash})"
+              + (f"; {unlabelled} without a label set skipped" if unlabelled else ""),
+              file=sys.stderr)
+    return 0
+
+
+def _devices(value: str | int) -> Any:
+    text = str(value)
+    if text == "auto":
+        return "auto"
+    if text.isdigit() or text == "-1":
+        return int(text)
+    return [int(x) for x in text.split(",") if x.strip()]

@@ -1,0 +1,238 @@
+"""`distill.label`: labelling with a tiny random teacher, cache against live, resume, DDP.
+
+Also holds the fixtures the other distillation tests build on: a tiny corpus of short chirp
+clips on disk (`make_corpus`) and a tiny teacher checkpoint (`make_teacher_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from corpus.manifest import write_manifest
+from corpus.records import Record
+from corpus.tasks import NONE_LABEL, TASKS, instruction_for
+from distill.label import LabelModule, label, teacher_rows
+from distill.targets import TargetMismatchError, TargetStore, done_keys, read_meta
+from tests.teacher.helpers import chirps, tiny_config, tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+SPECIES = ("Kea", "Tui", "Morepork")
+CLIP_S = 2.0
+
+
+def make_corpus(folder: Path, clips: int = 6, seed: int = 0) -> Path:
+    """``clips`` 2 s chirp clips as FLAC, a species and a detection record each; 2/3 train."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    audio = chirps(clips, CLIP_S, seed=seed).numpy()
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(clips):
+        path = folder / f"clip{i:03d}.flac"
+        sf.write(path, audio[i], 16000)
+        focal = SPECIES[i % len(SPECIES)]
+        present = [focal] if rng.random() < 0.8 else []
+        split = ("train", "train", "valid", "test")[i % 4] if clips >= 4 else "train"
+        for task, labels, answer in (
+                ("species", SPECIES, focal),
+                ("detection", (*SPECIES, NONE_LABEL), TASKS["detection"].answer(present))):
+            records.append(Record(id=f"clip{i:03d}.{task}", task=task,
+                                  instruction=instruction_for(task), output=answer,
+                                  labels=labels, split=split, file_name=str(path),
+                                  recording=f"rec{i}"))
+    manifest = folder / "manifest.jsonl"
+    write_manifest(records, manifest)
+    return manifest
+
+
+def make_teacher_checkpoint(path: Path, seed: int = 0, **changes: object) -> Path:
+    """A teacher checkpoint (as `TeacherModule` writes it) of a random tiny NatureLM."""
+    from teacher.config import config_hash
+    from teacher.lightning import CONFIG_HASH_KEY, TOKENIZER_KEY
+    from teacher.tokenizer import tokenizer_to_json
+
+    cfg = tiny_config(clip_s=CLIP_S, **changes)
+    model = tiny_model(seed, cfg)
+    torch.save({"hyper_parameters": {"config": cfg.to_dict()},
+                TOKENIZER_KEY: tokenizer_to_json(tiny_tokenizer()),
+                CONFIG_HASH_KEY: config_hash(cfg),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+@pytest.fixture(scope="module")
+def labelled(corpus: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("targets") / "store"
+    assert label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1") == 0
+    return out
+
+
+def _rows_by_key(out: Path) -> dict[tuple[str, str], dict]:
+    rows = {}
+    for part in sorted((out / "shards").glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            row = json.loads(line)
+            key = (row["id"], row["task"])
+            assert key not in rows, f"duplicate target {key}"
+            rows[key] = row
+    return rows
+
+
+def test_store_holds_every_record_with_teacher_hash(labelled: Path, corpus: Path,
+                                                    teacher_ckpt: Path) -> None:
+    from corpus.manifest import read_manifest
+    from teacher.checkpoint import load_teacher
+    from teacher.config import config_hash
+
+    store = TargetStore(labelled)
+    records = read_manifest(corpus)
+    assert len(store) == len(records) and store.duplicates == 0
+    assert store.teacher_hash == config_hash(load_teacher(teacher_ckpt).cfg)
+    assert store.labels("detection") == (*SPECIES, NONE_LABEL)
+    assert store.verify() == len(records)
+    for r in records:
+        target = store.get(r.id, r.task)
+        assert target is not None and target.scores.shape == (len(r.labels),)
+        assert np.isclose(np.exp(target.logprobs).sum(), 1.0)
+        if r.task == "detection":
+            assert target.probs is not None and ((0 <= target.probs) & (target.probs <= 1)).all()
+
+
+def test_cached_targets_equal_live_teacher(labelled: Path, corpus: Path,
+                                           teacher_ckpt: Path) -> None:
+    """The EfficientAT lesson: the cache must be what the teacher says live, on a sample."""
+    from corpus.manifest import read_manifest
+    from teacher.checkpoint import load_teacher
+    from teacher.lightning import load_clip
+
+    model = load_teacher(teacher_ckpt)
+    store = TargetStore(labelled)
+    sample = read_manifest(corpus)[:4]
+    for r in sample:
+        audio = torch.from_numpy(load_clip(r, 16000)).unsqueeze(0)
+        live_scores = model.score_labels(audio, [r.instruction], list(r.labels))[0]
+        live_answer = model.generate(audio, [r.instruction])[0]
+        cached = store.get(r.id, r.task)
+        assert cached is not None and cached.answer == live_answer
+        np.testing.assert_allclose(cached.scores, live_scores.double().numpy(), atol=1e-4)
+        if r.task == "detection":
+            live = teacher_rows(model, audio, [r])[0]
+            np.testing.assert_allclose(cached.probs, live["probs"], atol=1e-4)
+
+
+def test_detection_probs_follow_the_scores() -> None:
+    """Marginals: a label's probability grows with the teacher's score of answering it."""
+    from distill.targets import detection_candidates, marginal_probs
+
+    labels = ("Kea", "Tui", "None")
+    cands = detection_candidates(labels, ["Kea"])
+    assert cands[:3] == [frozenset(["Kea"]), frozenset(["Tui"]), frozenset()]
+    assert frozenset(["Kea", "Tui"]) in cands and len(set(cands)) == len(cands)
+    scores = np.full(len(cands), -20.0)
+    scores[0] = 0.0  # "Kea" alone is the teacher's answer
+    probs = marginal_probs(cands, scores, labels)
+    assert probs[0] > 0.99 and probs[1] < 0.01 and probs[2] < 0.01
+    scores[cands.index(frozenset(["Kea", "Tui"]))] = 0.0  # now also "Kea, Tui"
+    probs = marginal_probs(cands, scores, labels)
+    np.testing.assert_allclose(probs, [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_resume_after_partial_run_has_no_duplicates(corpus: Path, teacher_ckpt: Path,
+                                                    labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    # A run killed after two shards: run the first task's records only, then resume all.
+    label(teacher_ckpt, corpus, out, batch_size=2, tasks=["species"], accelerator="cpu",
+          devices="1")
+    first = done_keys(out)
+    assert first and all(task == "species" for _, task in first)
+    (out / "index.json").unlink()  # a killed run never wrote its index
+    label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1")
+    rows = _rows_by_key(out)  # asserts no duplicates
+    full = TargetStore(labelled)
+    assert sorted(rows) == full.keys()
+    for key, row in rows.items():
+        np.testing.assert_allclose(row["scores"], full.get(*key).scores, atol=1e-4)
+    # Nothing left: a third run writes no shard.
+    before = sorted((out / "shards").iterdir())
+    label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1")
+    assert sorted((out / "shards").iterdir()) == before
+
+
+def test_store_of_another_teacher_is_refused(corpus: Path, labelled: Path,
+                                             tmp_path: Path) -> None:
+    other = make_teacher_checkpoint(tmp_path / "other.ckpt", seed=1, end_token="<|end_of_text|>")
+    with pytest.raises(TargetMismatchError, match="targets come from teacher"):
+        label(other, corpus, labelled, accelerator="cpu", devices="1")
+    store = TargetStore(labelled)
+    with pytest.raises(TargetMismatchError, match="not 0000"):
+        store.check(teacher_hash="0000000000000000")
+
+
+def test_label_module_predicts_rows_in_batch_order() -> None:
+    model = tiny_model()
+    recs = [Record(id=f"c{i}", task="species", instruction=instruction_for("species"),
+                   output="Kea", labels=SPECIES) for i in range(2)]
+    from distill.label import _plain
+
+    rows = LabelModule(model).predict_step({"audio": chirps(2, 1.0),
+                                            "records": [_plain(r) for r in recs],
+                                            "cut_s": [0.0, 0.5]}, 0)
+    assert [r["id"] for r in rows] == ["c0", "c1"] and rows[1]["cut_s"] == 0.5
+
+
+def test_no_resume_refuses_existing_store(corpus: Path, teacher_ckpt: Path,
+                                          labelled: Path) -> None:
+    from runtime.errors import InputError
+
+    with pytest.raises(InputError, match="already holds targets"):
+        label(teacher_ckpt, corpus, labelled, resume=False, accelerator="cpu", devices="1")
+    assert read_meta(labelled).tasks["species"].labels == SPECIES
+
+
+@pytest.mark.slow
+def test_two_process_ddp_writes_the_same_targets(corpus: Path, teacher_ckpt: Path,
+                                                 labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    script = tmp_path / "run_label.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        torch.set_num_threads(1)
+        from distill.label import label
+        label({str(teacher_ckpt)!r}, {str(corpus)!r}, {str(out)!r}, batch_size=2,
+              accelerator="cpu", devices="2", strategy="ddp")
+    """))
+    env = {**os.environ, "PL_DISABLE_FORK": "1"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = {p.name[6:10] for p in (out / "shards").glob("part-*.jsonl")}
+    assert ranks == {"0000", "0001"}
+    rows = _rows_by_key(out)
+    single = TargetStore(labelled)
+    assert sorted(rows) == single.keys()
+    for key, row in rows.items():
+        assert row["answer"] == single.get(*key).answer
+        np.testing.assert_allclose(row["scores"], single.get(*key).scores, atol=1e-4)
+    assert TargetStore(out).verify() == len(rows)
