@@ -11,7 +11,8 @@ the reason and the run goes on; the exit code is 1 if any recording failed.
 Outputs in ``--out``: ``<recording>.selections.txt`` (Raven Pro, one per recording, named
 after its path relative to the inputs' common folder), ``detections.csv`` and
 ``detections.jsonl`` (every recording), ``<recording>.labels.txt`` (Audacity, on request),
-``errors.csv``, ``journal.jsonl``.
+``errors.csv``, ``journal.jsonl``. A .tar.gz bundle is extracted into a scratch folder for
+the run; the ``engine`` backend needs the bundle folder, where engines are built on the device.
 
     $ naturelm-edge analyze bundle/ recordings/ "more/*.flac" --out results --backend cpu
     >>> analyze(Path("bundle"), ["site1/"], out=Path("results"))  # doctest: +SKIP
@@ -27,6 +28,7 @@ import logging
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -151,44 +153,46 @@ def analyze(
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="naturelm-edge: %(message)s")
-    try:
-        loaded = load_bundle(bundle)
-        settings = make_settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
-                             thresholds_file, top_k, include, exclude, merge, merge_gap_s,
-                             formats, channel)
-        if batch_size < 1 or block_s <= 0:
-            raise ValueError("batch_size must be >= 1 and block_s positive")
-        runner = open_runner(loaded, backend, threads=threads, precision=precision)
-        model = str(getattr(runner, "model", getattr(runner, "engine_path", "")))
-        journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, Path(model).name),
-                               resume)
-    except (InputError, ValueError, KeyError) as exc:
-        print(f"naturelm-edge analyze: {exc}", file=sys.stderr)
-        return 2
-    recordings, missing = expand_paths(paths)
-    remove_stale_temporaries(out)
-    run = Analysis(loaded, settings, out, recordings, progress)
-    with journal:
-        for path, reason in missing:
-            run.record_error(journal, path, reason)
-        todo = [r for r in recordings if journal.done(r) is None]
-        run.resumed = len(recordings) - len(todo)
-        load_start = time.perf_counter()
-        with runner:
-            run.load_s = time.perf_counter() - load_start
-            run.process(runner, todo, journal, batch_size, block_s)
-        run.write_combined(journal)
-        failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
-    run.summary(backend, model, failed)
-    return 1 if failed else 0
+    # a .tar.gz bundle is extracted into a scratch folder that goes when the run ends
+    with tempfile.TemporaryDirectory(prefix="naturelm-bundle-") as scratch:
+        try:
+            loaded = load_bundle(bundle, extract_to=scratch)
+            settings = make_settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
+                                     thresholds_file, top_k, include, exclude, merge, merge_gap_s,
+                                     formats, channel)
+            if batch_size < 1 or block_s <= 0:
+                raise ValueError("batch_size must be >= 1 and block_s positive")
+            runner = open_runner(loaded, backend, threads=threads, precision=precision)
+            model = str(getattr(runner, "model", getattr(runner, "engine_path", "")))
+            journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, Path(model).name),
+                                   resume)
+        except (InputError, ValueError, KeyError) as exc:
+            print(f"naturelm-edge analyze: {exc}", file=sys.stderr)
+            return 2
+        recordings, missing = expand_paths(paths)
+        remove_stale_temporaries(out)
+        run = Analysis(loaded, settings, out, recordings, progress)
+        with journal:
+            for path, reason in missing:
+                run.record_error(journal, path, reason)
+            todo = [r for r in recordings if journal.done(r) is None]
+            run.resumed = len(recordings) - len(todo)
+            load_start = time.perf_counter()
+            with runner:
+                run.load_s = time.perf_counter() - load_start
+                run.process(runner, todo, journal, batch_size, block_s)
+            run.write_combined(journal)
+            failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
+        run.summary(backend, model, failed)
+        return 1 if failed else 0
 
 
 def make_settings(manifest: BundleManifest, hop_s: float | None, overlap_s: float | None,
-              tasks: Sequence[str] | None, threshold: float | None,
-              thresholds_file: Path | None, top_k: int | None,
-              include: Sequence[str] | None, exclude: Sequence[str] | None, merge: bool,
-              merge_gap_s: float, formats: Sequence[str] | None, channel: int | None,
-              ) -> Settings:
+                  tasks: Sequence[str] | None, threshold: float | None,
+                  thresholds_file: Path | None, top_k: int | None,
+                  include: Sequence[str] | None, exclude: Sequence[str] | None, merge: bool,
+                  merge_gap_s: float, formats: Sequence[str] | None, channel: int | None,
+                  ) -> Settings:
     """The checked settings of a run from the command-line options (see `analyze`)."""
     if hop_s is not None and overlap_s is not None:
         raise ValueError("give --hop-s or --overlap-s, not both")

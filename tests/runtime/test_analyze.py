@@ -322,3 +322,19 @@ def test_paths_expand_files_folders_and_globs(tmp_path: Path) -> None:
         "a/b/y.FLAC", "a/notes.txt", "a/x.wav", "c/z.mp3"]
     assert [(p.name, why) for p, why in missing] == [
         ("*.ogg", "the pattern matches no file"), ("gone.wav", "no such file or folder")]
+
+
+def test_archive_bundle_gives_the_same_detections_and_leaves_no_scratch(
+        bundle_dir: Path, real_recording: Path, tmp_path: Path) -> None:
+    import tempfile
+
+    from runtime.bundle import bundle_tar
+
+    archive = bundle_tar(bundle_dir, tmp_path / "tones.tar.gz")
+    before = set(Path(tempfile.gettempdir()).glob("naturelm-bundle-*"))
+    for name, source in (("folder", bundle_dir), ("archive", archive)):
+        assert analyze(source, [str(real_recording)], out=tmp_path / name, threshold=0.2,
+                       progress=False) == 0
+    assert (tmp_path / "folder" / "detections.csv").read_bytes() == (
+        tmp_path / "archive" / "detections.csv").read_bytes()
+    assert set(Path(tempfile.gettempdir()).glob("naturelm-bundle-*")) == before
