@@ -41,6 +41,9 @@ COMMANDS: dict[str, Command] = {
     "corpus synth": Command("corpus.cli:synth"),
     "corpus baseline": Command("corpus.cli:baseline"),
     "corpus convert": Command("corpus.convert:convert", extra="train"),
+    "analyze": Command("runtime.analyze:analyze"),
+    "watch": Command("runtime.watch:watch"),
+    "verify": Command("runtime.verify_cli:verify"),
     "bench decode": Command("benchmarks.decode_speed:run"),
 }
 
