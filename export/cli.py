@@ -1,0 +1,236 @@
+"""`naturelm-edge export onnx | quantize | compare | engine | bundle`: typed functions.
+
+The usual order, on the workstation and then on the device::
+
+    naturelm-edge export onnx runs/student.ckpt --out runs/export --recording birds.wav
+    naturelm-edge export quantize runs/export --manifest runs/corpus/manifest.jsonl
+    naturelm-edge export compare runs/export --checkpoint runs/student.ckpt
+    naturelm-edge export bundle runs/export --out runs/bundle --targets runs/targets \\
+        --manifest runs/corpus/manifest.jsonl
+    naturelm-edge export engine runs/bundle --precision fp16      # on the Jetson
+
+Every stage records what it did in the export folder's ``export.json`` (`export.bundle`).
+
+    >>> from naturelm_edge.cli import parser_for
+    >>> parser_for(engine, "engine").parse_args(["b", "--precision", "int8"]).precision
+    'int8'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from export.spec import ExportSpec
+
+MODEL = "model.onnx"
+
+
+def _variant_file(precision: str) -> str:
+    return MODEL if precision == "fp32" else f"model.{precision}.onnx"
+
+
+def onnx(checkpoint: Path, out: Path, window_s: float = 10.0, max_batch: int | None = None,
+         recording: Path | None = None, stft: Literal["auto", "always", "never"] = "auto",
+         threads: int = 1) -> int:
+    """Export a student checkpoint to ONNX (front end inside), checked against torch.
+
+    Args:
+        checkpoint: student checkpoint (from `naturelm-edge distill fit`).
+        out: export folder; gets model.onnx (and model.stft.onnx where faster on the CPU).
+        window_s: window length in seconds (fixed in the graph; the batch is dynamic).
+        max_batch: largest batch of the TensorRT profile (default: the family's).
+        recording: a real recording for the parity check (synthetic audio is always used).
+        stft: export the STFT-op variant for CPUs: auto (when measured faster), always, never.
+        threads: ONNX Runtime threads for the front-end timing.
+    """
+    from distill.checkpoint import load_student, teacher_hash_of
+    from export.bundle import model_entry, update_report
+    from export.onnx_export import export_onnx
+    from export.spec import spec_for
+    from export.stft_variant import maybe_export_stft
+
+    student, config = load_student(checkpoint)
+    overrides = {"max_batch": max_batch} if max_batch else {}
+    if max_batch:
+        overrides["opt_batch"] = min(spec_for(config).opt_batch, max_batch)
+    spec = spec_for(config, window_s=window_s, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    report = export_onnx(student, out / MODEL, spec, recording)
+    models = [model_entry(MODEL, "fp32", "conv")]
+    stft_path, timing = maybe_export_stft(student, out / MODEL, spec, stft, recording, threads)
+    if stft_path is not None:
+        models.append(model_entry(stft_path.name, "fp32", "stft"))
+    update_report(out, models=models, checkpoint=str(checkpoint),
+                  teacher_hash=teacher_hash_of(checkpoint), student=config.to_dict(),
+                  spec=spec.to_dict(), parity=report.to_dict(),
+                  frontend_timing=None if timing is None else asdict(timing))
+    print(f"wrote {out / MODEL}" + (f" and {stft_path}" if stft_path else ""))
+    return 0
+
+
+def _spec(export_dir: Path) -> ExportSpec:
+    from export.bundle import read_report
+    from export.spec import ExportSpec
+    from runtime.errors import InputError
+
+    report = read_report(export_dir)
+    if "spec" not in report:
+        raise InputError(export_dir, "not an export folder (run `naturelm-edge export onnx`)")
+    return ExportSpec.from_dict(report["spec"])
+
+
+def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp16", "int8"),
+             calibration_split: str = "train", heldout_splits: Sequence[str] = ("test", "valid"),
+             calibration_clips: int = 128, heldout_clips: int = 512) -> int:
+    """Write FP16 and INT8 variants and check their top-1 agreement with FP32 on held-out clips.
+
+    Args:
+        export_dir: the folder `export onnx` wrote.
+        manifest: corpus manifest (JSONL / CSV) with real audio for calibration and checks.
+        precisions: which variants to write: fp16, int8.
+        calibration_split: split whose clips calibrate INT8.
+        heldout_splits: splits whose clips measure agreement.
+        calibration_clips: most clips used for calibration.
+        heldout_clips: most clips used for the agreement check.
+    """
+    from export.bundle import model_entry, update_report
+    from export.precision import check_variant, manifest_clips, to_fp16, to_int8
+
+    unknown = sorted(set(precisions) - {"fp16", "int8"})
+    if unknown:
+        raise ValueError(f"unknown precisions {unknown}; choose fp16 and/or int8")
+    spec = _spec(export_dir)
+    fp32 = export_dir / MODEL
+    heldout = manifest_clips(manifest, spec, heldout_splits, heldout_clips)
+    scores: dict[str, dict[str, float]] = {}
+    models = []
+    for precision in precisions:
+        out = export_dir / _variant_file(precision)
+        if precision == "fp16":
+            to_fp16(fp32, out)
+        else:
+            calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
+            to_int8(fp32, out, calib)
+        scores[precision] = check_variant(fp32, out, precision, heldout, spec)
+        models.append(model_entry(out.name, precision, "conv"))
+    update_report(export_dir, models=models, agreement_fp32=scores,
+                  heldout={"manifest": str(manifest), "clips": len(heldout)})
+    return 0
+
+
+def compare(export_dir: Path, checkpoint: Path | None = None, manifest: Path | None = None,
+            recording: Path | None = None, bundle: Path | None = None,
+            json_out: Path | None = None, threads: int = 1) -> int:
+    """Run torch, ONNX Runtime FP32 / FP16 / INT8 (and TensorRT engines) on the same inputs.
+
+    Args:
+        export_dir: the export folder (its models are compared).
+        checkpoint: the student checkpoint; torch is the reference when given, else FP32 ONNX.
+        manifest: held-out clips (test / valid splits) as inputs.
+        recording: a recording cut into windows as inputs (with synthetic audio).
+        bundle: a bundle folder whose engines built here join (needs TensorRT and a GPU).
+        json_out: also write the rows as JSON here.
+        threads: ONNX Runtime threads.
+    """
+    import numpy as np
+
+    from export.bundle import read_report
+    from export.compare import compare_models, format_table, tensorrt_available
+    from export.onnx_export import parity_inputs
+    from export.precision import manifest_clips
+
+    spec = _spec(export_dir)
+    parts = [parity_inputs(spec, recording)["synthetic"]]
+    if recording is not None:
+        parts.append(parity_inputs(spec, recording)["real"])
+    if manifest is not None:
+        parts.append(manifest_clips(manifest, spec))
+    audio = np.concatenate(parts)
+    student = None
+    if checkpoint is not None:
+        from distill.checkpoint import load_student
+
+        student = load_student(checkpoint)[0]
+    models = {f"ort-{m['precision']}-{m['variant']}": export_dir / m["file"]
+              for m in read_report(export_dir)["models"]}
+    engines = {}
+    if bundle is not None and tensorrt_available():
+        engines = {f"trt-{p.name.split('.')[-2]}": p
+                   for p in sorted((bundle / "engines").glob("*.engine"))}
+    reference = "torch" if student is not None else "ort-fp32-conv"
+    rows = compare_models(student, models, audio, engines, reference, threads)
+    print(f"reference: {reference}; {len(audio)} windows of {spec.window_s:g} s")
+    print(format_table(rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    return 0
+
+
+def engine(bundle: Path, precision: Literal["fp32", "fp16", "int8"] = "fp16",
+           workspace_mb: int = 1024, min_batch: int | None = None, opt_batch: int | None = None,
+           max_batch: int | None = None, dla_core: int | None = None,
+           timing_cache: bool = True) -> int:
+    """Build a TensorRT engine for this device into the bundle's engines/ folder.
+
+    Args:
+        bundle: the bundle folder (on the device).
+        precision: fp32, fp16, or int8 (from the bundle's QDQ model).
+        workspace_mb: TensorRT workspace limit in MiB.
+        min_batch: profile minimum batch (default: the export spec's).
+        opt_batch: profile batch to tune for (default: the export spec's).
+        max_batch: profile maximum batch (default: the export spec's).
+        dla_core: build for this DLA core with GPU fallback (Jetson Orin NX / AGX).
+        timing_cache: reuse and update the timing cache kept in the bundle.
+    """
+    from export.engine import EngineOptions, build_engine
+
+    build_engine(bundle, EngineOptions(precision, workspace_mb, min_batch, opt_batch,
+                                       max_batch, dla_core, timing_cache))
+    return 0
+
+
+def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = "1",
+           targets: Path | None = None, manifest: Path | None = None, teacher_id: str = "",
+           threshold: float = 0.5, hop_s: float | None = None) -> int:
+    """Write a bundle folder and .tar.gz from an export folder.
+
+    Args:
+        export_dir: the export folder (after `export onnx` and `export quantize`).
+        out: the bundle folder to create (out.tar.gz is written beside it).
+        name: bundle name (default: the folder's name).
+        version: bundle version string.
+        targets: teacher-target store; with manifest, measures agreement with the teacher.
+        manifest: corpus manifest whose test clips measure agreement with the teacher.
+        teacher_id: the teacher's id (default: the target store's or checkpoint's hash).
+        threshold: default score threshold of every task.
+        hop_s: hop between windows in seconds (default: the window).
+    """
+    from export.bundle import read_report, teacher_agreement, write_bundle
+    from export.spec import ExportSpec
+
+    report = read_report(export_dir)
+    agreement: dict[str, float] = {}
+    teacher = teacher_id or str(report.get("teacher_hash") or "")
+    if targets is not None and manifest is not None:
+        spec = ExportSpec.from_dict(report["spec"])
+        labels = {t: h["labels"] for t, h in report["student"]["tasks"].items()}
+        for model in report["models"]:
+            if model["variant"] != "conv":
+                continue
+            scores, store_hash, missing = teacher_agreement(
+                export_dir / model["file"], manifest, targets, spec, labels)
+            agreement.update({f"{model['precision']}.{t}": v for t, v in scores.items()})
+            teacher = teacher_id or store_hash
+            print(f"{model['precision']}: top-1 agreement with the teacher "
+                  + ", ".join(f"{t} {v:.2%}" for t, v in scores.items())
+                  + f" ({missing} clips without a target)")
+    thresholds = {task: threshold for task in report.get("student", {}).get("tasks", {})}
+    folder, tar = write_bundle(export_dir, out, name, version, thresholds, hop_s, teacher,
+                               agreement)
+    print(f"wrote {folder} and {tar}")
+    return 0
