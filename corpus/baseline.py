@@ -184,9 +184,12 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(f1.mean())
 
 
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+
+
 @dataclass(frozen=True)
 class TaskResult:
-    """One task's baseline figure beside chance."""
+    """One task's baseline figure beside chance, and the L2 penalty it used."""
 
     task: str
     metric: str
@@ -195,6 +198,7 @@ class TaskResult:
     labels: int
     train: int
     test: int
+    l2: float = 0.0
 
 
 def _with_none(matrix: np.ndarray) -> np.ndarray:
@@ -223,7 +227,8 @@ def evaluate_task(task: str, train: Sequence[Record], test: Sequence[Record],
         model = fit_one_vs_rest(x_train, y_train, l2, steps)
         score = macro_f1(_with_none(y_test), _with_none(model.predict(x_test)))
         chance = _detection_chance(y_train, y_test, seed)
-        return TaskResult(task, "macro-F1", score, chance, len(labels) + 1, len(train), len(test))
+        return TaskResult(task, "macro-F1", score, chance, len(labels) + 1, len(train), len(test),
+                          l2)
     names = sorted({r.output for r in train} | {r.output for r in test} | set(labels))
     index = {name: i for i, name in enumerate(names)}
     y_train = np.array([index[r.output] for r in train])
@@ -232,7 +237,7 @@ def evaluate_task(task: str, train: Sequence[Record], test: Sequence[Record],
     score = float((model.predict(x_test) == y_test).mean())
     majority = np.bincount(y_train, minlength=len(names)).argmax()
     chance = float((y_test == majority).mean())
-    return TaskResult(task, "accuracy", score, chance, len(names), len(train), len(test))
+    return TaskResult(task, "accuracy", score, chance, len(names), len(train), len(test), l2)
 
 
 def _detection_chance(y_train: np.ndarray, y_test: np.ndarray, seed: int,
@@ -247,36 +252,46 @@ def _detection_chance(y_train: np.ndarray, y_test: np.ndarray, seed: int,
 
 
 def run_baseline(records: Sequence[Record], test_split: str = "test",
-                 mel: MelConfig | None = None, l2: float = 1e-3, steps: int = 500
+                 mel: MelConfig | None = None, l2: float | None = None, steps: int = 500
                  ) -> list[TaskResult]:
     """Per task (in the records' order of first appearance): train on "train", score on
-    ``test_split``. Tasks missing from either split are skipped."""
+    ``test_split``. With ``l2=None`` the penalty is picked from `L2_GRID` on the "valid"
+    split (when scoring on "test" and "valid" has records), else 1e-3. Tasks missing from
+    train or ``test_split`` are skipped."""
     mel = mel or MelConfig()
     by_task: dict[str, list[Record]] = {}
     for record in records:
         by_task.setdefault(record.task, []).append(record)
-    wanted = [r for r in records if r.split in ("train", test_split)]
+    wanted = [r for r in records if r.split in ("train", "valid", test_split)]
     features = dict(zip((r.id for r in wanted), record_features(wanted, mel), strict=True))
     results = []
     for task, task_records in by_task.items():
-        train = [r for r in task_records if r.split == "train"]
-        test = [r for r in task_records if r.split == test_split]
-        if not train or not test:
+        parts = {split: [r for r in task_records if r.split == split]
+                 for split in ("train", "valid", test_split)}
+        if not parts["train"] or not parts[test_split]:
             continue
-        x_train = np.stack([features[r.id] for r in train])
-        x_test = np.stack([features[r.id] for r in test])
-        results.append(evaluate_task(task, train, test, x_train, x_test, l2, steps))
+        x = {split: np.stack([features[r.id] for r in rs]) if rs else None
+             for split, rs in parts.items()}
+        chosen = l2
+        if chosen is None:
+            chosen = 1e-3
+            if test_split != "valid" and parts["valid"]:
+                scores = [evaluate_task(task, parts["train"], parts["valid"], x["train"],
+                                        x["valid"], grid_l2, steps).score for grid_l2 in L2_GRID]
+                chosen = L2_GRID[int(np.argmax(scores))]
+        results.append(evaluate_task(task, parts["train"], parts[test_split], x["train"],
+                                     x[test_split], chosen, steps))
     return results
 
 
 def format_results(results: Sequence[TaskResult]) -> str:
     """A plain-text table: task, metric, baseline, chance, labels, train and test sizes."""
-    header = f"{'task':<10} {'metric':<9} {'baseline':>8} {'chance':>7} {'labels':>6} " \
-             f"{'train':>6} {'test':>5}"
+    header = (f"{'task':<10} {'metric':<9} {'baseline':>8} {'chance':>7} {'labels':>6} "
+              f"{'train':>6} {'test':>5} {'l2':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(f"{r.task:<10} {r.metric:<9} {_pct(r.score):>8} {_pct(r.chance):>7} "
-                     f"{r.labels:>6} {r.train:>6} {r.test:>5}")
+                     f"{r.labels:>6} {r.train:>6} {r.test:>5} {r.l2:>6g}")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def synth(out: Path = DEFAULT_OUT, seed: int = 0, clips: int = DEFAULT_CLIPS, cl
     return 0
 
 
-def baseline(manifest: Path, split: str = "test", n_mels: int = 64, l2: float = 1e-3,
+def baseline(manifest: Path, split: str = "test", n_mels: int = 64, l2: float | None = None,
              steps: int = 500, json_line: bool = True) -> int:
     """Trivial baseline per task: logistic regression on mean log-mel, next to chance.
 
@@ -65,7 +65,7 @@ def baseline(manifest: Path, split: str = "test", n_mels: int = 64, l2: float = 
         manifest: a JSONL or CSV manifest (for example OUT/manifest.jsonl of corpus synth).
         split: the split to score on ("valid" or "test").
         n_mels: mel bands of the feature.
-        l2: L2 penalty of the logistic regression.
+        l2: L2 penalty of the logistic regression (default: picked on the valid split).
         steps: gradient steps.
         json_line: end with one JSON line holding the figures.
     """

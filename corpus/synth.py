@@ -34,6 +34,7 @@ assigned by recording (80/10/10), so no animal or site leaks from train into tes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -117,8 +118,10 @@ class SpeciesSpec:
     gap_s: float
 
 
+@functools.lru_cache(maxsize=1)
 def species_catalogue() -> tuple[SpeciesSpec, ...]:
-    """The 24 species, ordered so that the first six lie in six different bands."""
+    """The 24 species, ordered so that the first six lie in six different bands (immutable,
+    built once)."""
     rng = np.random.default_rng(_CATALOGUE_SEED)
     specs: list[SpeciesSpec] = []
     for slot in range(2):
@@ -181,6 +184,8 @@ class SynthConfig:
     soundscape_calls_per_min: float = 24.0
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.clips < 1:
             raise ValueError(f"clips must be at least 1, got {self.clips}")
         if self.clip_s <= 0.5:

@@ -238,7 +238,7 @@ def test_a_foreign_folder_is_refused_and_an_old_corpus_is_replaced(tmp_path: Pat
     assert not (out / "soundscape.flac").exists()
 
 
-@pytest.mark.parametrize("bad", [dict(clips=0), dict(sample_rate=8000), dict(species=30),
+@pytest.mark.parametrize("bad", [dict(clips=0), dict(seed=-1), dict(sample_rate=8000), dict(species=30),
                                  dict(species=2), dict(focal_snr_db=(10.0, 0.0))])
 def test_bad_configs_raise(bad: dict) -> None:
     with pytest.raises(ValueError):
