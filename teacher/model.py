@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,10 @@ class NatureLM(nn.Module):
         llm_width = self.llama_model.get_input_embeddings().weight.shape[1]
         self.audio_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm_width)
         self.apply_freeze_policy()
+        # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
+        base = getattr(self.llama_model, "get_base_model", lambda: self.llama_model)()
+        params = inspect.signature(base.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _token_id(self, token: str | None, what: str) -> int:
         if token is None or token not in self.tokenizer.get_vocab():
@@ -386,10 +391,11 @@ class NatureLM(nn.Module):
                 n = batch.prompt_lengths[b]
                 prefix = batch.inputs_embeds[b:b + 1, :n]
                 out = self.llama_model(inputs_embeds=prefix, use_cache=True)
+                cache = out[self._cache_arg]
                 first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
                 for start in range(0, len(seqs), label_batch_size):
                     chunk = seqs[start:start + label_batch_size]
-                    total = self._score_chunk(out.past_key_values, n, first, chunk)
+                    total = self._score_chunk(cache, n, first, chunk)
                     counts = torch.tensor([len(s) for s in chunk], dtype=torch.float32)
                     if normalize == "mean":
                         total = total / counts
@@ -414,8 +420,8 @@ class NatureLM(nn.Module):
             mask[i, prefix_len:prefix_len + len(s) - 1] = 1
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(k)
-        logits = self.llama_model(input_ids=inputs, attention_mask=mask, past_key_values=past,
-                                  use_cache=True).logits
+        logits = self.llama_model(input_ids=inputs, attention_mask=mask, use_cache=True,
+                                  **{self._cache_arg: past}).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
         valid = targets != IGNORE
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
