@@ -26,9 +26,10 @@ detection examples by background alone answered "None" with probability ``none_p
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,60 @@ def resolve_config(preset: str, config: dict[str, Any] | None = None) -> Any:
     return TeacherConfig.from_dict(merge_overrides(teacher_config(preset).to_dict(), config))
 
 
+class EncoderCache:
+    """Outputs of a frozen encoder, kept per clip so each clip is encoded once per run.
+
+    A frozen encoder in eval mode is a fixed function of its input; with unaugmented clips
+    (``cache_key`` set by `ClipDataset`) its output for a clip never changes, so training
+    pays for the encoder once per clip instead of once per example (a clip serves several
+    tasks) and per epoch. Features are stored in ``dtype`` on the CPU.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float16) -> None:
+        self.dtype = dtype
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def encode(self, encoder: torch.nn.Module, wave: torch.Tensor,
+               keys: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encoder(wave)`` with rows whose key is cached taken from the cache."""
+        todo = [i for i, key in enumerate(keys) if key is None or key not in self.store]
+        if todo:
+            with torch.no_grad():
+                features, mask = type(encoder).forward(encoder, wave[todo])
+            for j, i in enumerate(todo):
+                if keys[i] is not None:
+                    self.store[keys[i]] = (features[j].to("cpu", self.dtype),
+                                           None if mask is None else mask[j].cpu())
+            if len(todo) == len(keys):
+                return features, mask
+        fresh = {i: j for j, i in enumerate(todo)}
+        rows, masks = [], []
+        for i, key in enumerate(keys):
+            if i in fresh:
+                rows.append(features[fresh[i]])
+                masks.append(None if mask is None else mask[fresh[i]])
+            else:
+                cached, cached_mask = self.store[key]
+                rows.append(cached.to(wave.device, torch.float32))
+                masks.append(None if cached_mask is None else cached_mask.to(wave.device))
+        out_mask = None if all(m is None for m in masks) else torch.stack(
+            [m if m is not None else torch.zeros_like(next(x for x in masks if x is not None))
+             for m in masks])
+        return torch.stack(rows), out_mask
+
+    @contextlib.contextmanager
+    def serving(self, encoder: torch.nn.Module, keys: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, ``encoder(wave)`` answers from the cache for ``keys``' rows."""
+        encoder.forward = lambda wave, padding_mask=None: self.encode(encoder, wave, keys)
+        try:
+            yield
+        finally:
+            del encoder.forward
+
+
 def check_data_matches(cfg: Any, datamodule: TeacherDataModule) -> None:
     """Raise when the data's rate or clip length differs from the teacher config's."""
     hp = datamodule.hparams
@@ -100,18 +155,22 @@ class TeacherModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: optimizer steps of linear warm-up (capped at the run's length).
         min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
+        cache_encoder: with a frozen encoder, encode each unaugmented training clip once and
+            reuse its features (`EncoderCache`); ignored when the encoder trains.
     """
 
     def __init__(self, preset: str = "tiny", config: dict[str, Any] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1) -> None:
+                 min_lr_ratio: float = 0.1, cache_encoder: bool = False) -> None:
         super().__init__()
         self.teacher_config = resolve_config(preset, config)
         self.save_hyperparameters()
         self.hparams["config"] = self.teacher_config.to_dict()
         self.model: torch.nn.Module | None = None
         self.tokenizer_json: str | None = None
+        self.encoder_cache = EncoderCache() \
+            if cache_encoder and not self.teacher_config.train_encoder else None
 
     # -- building -------------------------------------------------------------------------
     def build(self, tokenizer: Any) -> None:
@@ -157,13 +216,21 @@ class TeacherModule(pl.LightningModule):
         return self.model
 
     # -- steps ----------------------------------------------------------------------------
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        model = self._require_model()
+        keys = batch.get("cache_key")
+        if self.encoder_cache is None or keys is None:
+            return model(batch["audio"], batch["instruction"], batch["answer"])
+        with self.encoder_cache.serving(model.beats, keys):
+            return model(batch["audio"], batch["instruction"], batch["answer"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._require_model()(batch["audio"], batch["instruction"], batch["answer"])
+        loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answer"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._require_model()(batch["audio"], batch["instruction"], batch["answer"])
+        loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["answer"]))
         return loss
 
@@ -287,7 +354,9 @@ def is_multi_label(task: str) -> bool:
 
 
 class ClipDataset(Dataset):
-    """Records as training examples: ``{"audio", "instruction", "answer", "task", "id"}``.
+    """Records as training examples: ``{"audio", "instruction", "answer", "task", "id",
+    "cache_key"}``; ``cache_key`` names the clip when the audio is exactly that clip's (no noise
+    mixed, no random crop), else None.
 
     With ``augment`` the clip is cropped at random, noise is mixed in with probability
     ``noise_prob`` and detection examples become background answered "None" with probability
@@ -308,6 +377,7 @@ class ClipDataset(Dataset):
         self.backgrounds = list(backgrounds)
         self.cache_audio = cache_audio
         self._cache: dict[tuple[str, float, float | None], np.ndarray] = {}
+        self._last_background: Record | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -324,6 +394,7 @@ class ClipDataset(Dataset):
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         if self.backgrounds:
             pick = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
+            self._last_background = pick
             return fit_length(self._clip(pick), self.samples, rng)
         return pink_noise(self.samples, rng) * np.float32(0.02)
 
@@ -332,21 +403,32 @@ class ClipDataset(Dataset):
         answer = record.output
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item())) \
             if self.augment else None
+        source = record
         if rng is not None and is_multi_label(record.task) and rng.random() < self.none_prob:
-            audio, answer = self._background(rng), NONE_LABEL
+            audio, answer, source = self._background(rng), NONE_LABEL, None
+            if self.backgrounds:
+                source = self._last_background
         else:
             audio = fit_length(self._clip(record), self.samples, rng)
+        cropped = source is not None and self._clip(source).shape[0] > self.samples
         if rng is not None and rng.random() < self.noise_prob:
             audio = mix_at_snr(audio, self._background(rng), float(rng.uniform(*self.snr_db)))
+            source = None
+        key = None if source is None or (cropped and rng is not None) else _clip_key(source)
         return {"audio": torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
                 "instruction": record.instruction, "answer": answer, "task": record.task,
-                "id": record.id}
+                "id": record.id, "cache_key": key}
+
+
+def _clip_key(record: Record) -> str:
+    """Names a clip's exact samples: file (or id), offset and duration."""
+    return f"{record.file_name or record.id}|{record.offset_s}|{record.duration_s}"
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the audio ``[B, T]``; the text fields become lists."""
+    """Stack the audio ``[B, T]``; the text fields (and cache keys) become lists."""
     out: dict[str, Any] = {"audio": torch.stack([item["audio"] for item in items])}
-    for key in ("instruction", "answer", "task", "id"):
+    for key in ("instruction", "answer", "task", "id", "cache_key"):
         out[key] = [item[key] for item in items]
     return out
 

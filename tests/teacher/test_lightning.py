@@ -20,6 +20,7 @@ from runtime.errors import InputError
 from teacher.checkpoint import load_teacher, read_checkpoint
 from teacher.lightning import (
     ClipDataset,
+    EncoderCache,
     TeacherDataModule,
     TeacherModule,
     fit_length,
@@ -147,6 +148,49 @@ def test_detection_becomes_background_answered_none(corpus: Path) -> None:
             assert float(item["audio"].abs().max()) < 0.1  # background only, no call
         else:
             assert item["answer"] == record.output
+
+
+def test_cache_keys_only_for_unaugmented_clips(corpus: Path) -> None:
+    dm = _datamodule(corpus)
+    records = dm.split("train")
+    clean = ClipDataset(records, RATE, CLIP_S, augment=True, noise_prob=0.0)
+    noisy = ClipDataset(records, RATE, CLIP_S, augment=True, noise_prob=1.0)
+    assert all(clean[i]["cache_key"] is not None for i in range(len(records)))
+    assert all(noisy[i]["cache_key"] is None for i in range(len(records)))
+    same_clip = [clean[i]["cache_key"] for i, r in enumerate(records) if r.id.endswith("-0-sp")
+                 or r.id.endswith("-0-det")]
+    assert len(set(same_clip)) < len(same_clip)  # tasks of one clip share its key
+
+
+def test_encoder_cache_gives_the_same_loss(corpus: Path) -> None:
+    torch.manual_seed(0)
+    module = TeacherModule(config=SMALL, cache_encoder=True)
+    dm = _datamodule(corpus, noise_prob=0.0, none_prob=0.0)
+    module.build(_tokenizer(dm))
+    model = module.model.eval()
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        plain = model(batch["audio"], batch["instruction"], batch["answer"])
+        first = module._loss(batch)
+        n = len(module.encoder_cache)
+        second = module._loss(batch)
+    assert n == len(set(batch["cache_key"])) and len(module.encoder_cache) == n
+    assert "forward" not in vars(model.beats)  # the encoder is itself again afterwards
+    assert torch.allclose(first, plain, atol=1e-6)
+    assert torch.allclose(second, plain, rtol=1e-3, atol=1e-3)  # features stored in fp16
+    features = torch.randn(3, 4, 5)
+    cache = EncoderCache(torch.float32)
+    stub = type("Stub", (torch.nn.Module,), {"forward": lambda self, w: (w * 2, None)})()
+    out, mask = cache.encode(stub, features, ["a", None, "b"])
+    again, _ = cache.encode(stub, features + 1, ["a", "c", "b"])
+    assert mask is None and torch.equal(out, features * 2)
+    assert torch.equal(again[0], features[0] * 2) and torch.equal(again[1], (features[1] + 1) * 2)
+
+
+def _tokenizer(dm: TeacherDataModule):  # noqa: ANN202
+    from teacher.tokenizer import train_tokenizer
+
+    return train_tokenizer(dm.tokenizer_texts(), 512)
 
 
 def test_task_balanced_sampling(corpus: Path) -> None:
