@@ -144,19 +144,20 @@ def banned_ops(model: onnx.ModelProto, banned: frozenset[str] = BANNED_OPS) -> l
 
 
 def check_graph(model: onnx.ModelProto, where: str, allow_stft: bool = False) -> None:
-    """ONNX checker (full), strict shape inference and, unless ``allow_stft``, the op walk."""
+    """Unless ``allow_stft``, the op walk; then the ONNX checker (full) and strict shape
+    inference."""
     import onnx
 
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{where}: the ONNX checker or shape inference failed: {exc}") from exc
     if not allow_stft:
         found = banned_ops(model)
         if found:
             raise ExportError(f"{where}: ops TensorRT 10 cannot run: {'; '.join(found)}; the "
                               f"front end must use Conv1d + MatMul only")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{where}: the ONNX checker or shape inference failed: {exc}") from exc
 
 
 def torch_to_onnx(module: nn.Module, spec: ExportSpec) -> onnx.ModelProto:
