@@ -196,7 +196,7 @@ def context(threads: int | None = None, probe_gpu: bool = True,
     gpu = gpu_name() if probe_gpu else None
     return {
         "machine_id": machine_id(cpu, cores, gpu),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu, "cores": cores, "cpu_count": os.cpu_count(), "threads": threads,
         "gpu": gpu, "platform": platform.platform(), "python": platform.python_version(),
         "versions": versions(), **dict(extra or {}),
