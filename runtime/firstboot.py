@@ -52,7 +52,8 @@ from runtime.trt_runner import (
     write_sidecar,
 )
 
-log = logging.getLogger(__name__)
+# Named explicitly: run as `python -m runtime.firstboot`, __name__ is "__main__".
+log = logging.getLogger("runtime.firstboot")
 
 SECTION = "naturelm-edge"
 BACKENDS = ("engine", "tensorrt", "cuda", "cpu")
