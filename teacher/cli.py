@@ -115,22 +115,27 @@ def predict(model: Any, records: Sequence[Any], batch_size: int = 8, max_new_tok
     """Generate (and score) every record: one dict per record with ``answer`` and ``scores``.
 
     Each call sees exactly the teacher's ``clip_s``; a longer clip is cut to its first
-    ``clip_s`` seconds and its prediction carries ``"cut_s"`` (the seconds dropped).
+    ``clip_s`` seconds and its prediction carries ``"cut_s"`` (the seconds dropped). Records
+    are run grouped by clip, and a clip's encoder output is computed once for all its tasks.
     """
     import torch
 
-    from teacher.lightning import fit_length, load_clip
+    from teacher.lightning import EncoderCache, _clip_key, fit_length, load_clip
 
     cfg = model.cfg
     n = cfg.clip_samples
     device = next(model.parameters()).device
-    out: list[dict[str, Any]] = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
+    order = sorted(range(len(records)), key=lambda i: _clip_key(records[i]))
+    cache = EncoderCache(torch.float32)
+    out: list[dict[str, Any] | None] = [None] * len(records)
+    for start in range(0, len(order), batch_size):
+        batch = [records[i] for i in order[start:start + batch_size]]
+        keys = [_clip_key(r) for r in batch]
+        cache.store = {k: v for k, v in cache.store.items() if k in set(keys)}
         clips = [load_clip(r, cfg.sample_rate) for r in batch]
         audio = torch.from_numpy(np.stack([fit_length(c, n, None) for c in clips])).to(device)
         instructions = [r.instruction for r in batch]
-        with torch.inference_mode():
+        with torch.inference_mode(), cache.serving(model.beats, keys):
             answers = model.generate(audio, instructions, max_new_tokens=max_new_tokens,
                                      num_beams=num_beams)
             scores = model.score_labels(audio, instructions, [list(r.labels) for r in batch]) \
@@ -142,8 +147,8 @@ def predict(model: Any, records: Sequence[Any], batch_size: int = 8, max_new_tok
                 row["scores"] = [float(v) for v in scores[i][:len(record.labels)]]
             if clip.shape[0] > n:
                 row["cut_s"] = (clip.shape[0] - n) / cfg.sample_rate
-            out.append(row)
-    return out
+            out[order[start + i]] = row
+    return [row for row in out if row is not None]
 
 
 def score_predictions(records: Sequence[Any], predictions: Sequence[dict[str, Any]]) -> list[Any]:

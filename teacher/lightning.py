@@ -99,6 +99,8 @@ class EncoderCache:
     def encode(self, encoder: torch.nn.Module, wave: torch.Tensor,
                keys: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``encoder(wave)`` with rows whose key is cached taken from the cache."""
+        if wave.shape[0] != len(keys):
+            raise ValueError(f"the encoder got {wave.shape[0]} rows for {len(keys)} cache keys")
         todo = [i for i, key in enumerate(keys) if key is None or key not in self.store]
         if todo:
             with torch.no_grad():
