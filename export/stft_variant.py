@@ -40,6 +40,12 @@ if TYPE_CHECKING:
     from distill.frontend import FrontEndConfig
 
 STFT_SUFFIX = ".stft.onnx"
+# ONNX Runtime's STFT kernel (1.32, CPU) is a float32 DFT for lengths that are not powers of
+# two; on a loud clipped tone it leaks about 1e-5 of power into empty bins, which moves the
+# trained test student's logits by up to 0.07 (real audio: under 1e-3). So the STFT variant is
+# held to this looser difference and to top-1 agreement with the Conv1d student instead.
+STFT_ATOL = 0.1
+AGREEMENT_BAR = 0.995
 
 
 def stft_frontend(config: FrontEndConfig) -> nn.Module:
@@ -159,15 +165,36 @@ def export_stft_variant(student: nn.Module, out: str | os.PathLike[str], spec: E
                         recording: str | os.PathLike[str] | None = None, quiet: bool = False,
                         ) -> Any:
     """Export the STFT twin to ``out`` (STFT allowed, CPU only) and check it against the
-    Conv1d student in torch; returns the `ParityReport` (raises `ExportError` above tolerance)."""
-    from export.onnx_export import export_student, validate
+    Conv1d student in torch: the largest difference is printed and must stay within
+    `STFT_ATOL`, and top-1 agreement on every task must reach `AGREEMENT_BAR`. Returns the
+    `ParityReport`; a failing model is deleted and `ExportError` raised."""
+    from dataclasses import replace
 
-    twin = with_stft_frontend(student)
-    path = export_student(twin, out, spec, variant="stft", allow_stft=True)
+    from export.onnx_export import (
+        ExportError,
+        export_student,
+        parity_inputs,
+        run_onnx,
+        run_torch,
+        validate,
+    )
+    from export.precision import agreement
+
+    path = Path(export_student(with_stft_frontend(student), out, spec, variant="stft",
+                               allow_stft=True))
     try:
-        return validate(student, path, spec, recording, quiet=quiet)
+        report = validate(student, path, replace(spec, atol=max(spec.atol, STFT_ATOL)),
+                          recording, quiet=quiet)
+        audio = np.concatenate(list(parity_inputs(spec, recording).values()))
+        tasks = [n for n in spec.output_names if n.endswith("_logits")]
+        scores = agreement(run_torch(student, audio), run_onnx(path, audio), tasks)
+        low = {n: v for n, v in scores.items() if v < AGREEMENT_BAR}
+        if low:
+            raise ExportError(f"{path}: the STFT variant's top-1 agreement with the student is "
+                              f"below {AGREEMENT_BAR:.1%}: {low}")
+        return report
     except Exception:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
 
 
