@@ -79,3 +79,17 @@ def test_report_refuses_targets_of_another_teacher(fitted: Path, corpus: Path,
     other = make_store(corpus, tmp_path / "other", teacher_hash="2" * 16)
     with pytest.raises(TargetMismatchError, match="come from teacher 2222"):
         report(fitted, other, corpus)
+
+
+def test_label_signature_parses_as_a_table_command(tmp_path: Path) -> None:
+    """What `naturelm-edge distill label ...` will hand to `distill.cli.label`."""
+    from distill.cli import label
+    from naturelm_edge.cli import parser_for
+
+    args = parser_for(label, "naturelm-edge distill label").parse_args(
+        ["t.ckpt", "m.jsonl", "out", "--devices", "2", "--strategy", "ddp", "--tasks", "species",
+         "detection", "--split", "train", "--no-resume"])
+    assert args.teacher == Path("t.ckpt") and args.devices == "2" and args.resume is False
+    assert args.tasks == ["species", "detection"] and args.batch_size == 8
+    args = parser_for(report, "naturelm-edge distill report").parse_args(["s.ckpt", "t", "m"])
+    assert args.split == "test" and args.out is None

@@ -27,6 +27,8 @@ from tests.teacher.helpers import chirps, tiny_config, tiny_model, tiny_tokenize
 REPO = Path(__file__).resolve().parents[2]
 SPECIES = ("Kea", "Tui", "Morepork")
 CLIP_S = 2.0
+# One CPU process; short answers (a random teacher never stops before max_new_tokens).
+CPU = {"accelerator": "cpu", "devices": "1", "max_new_tokens": 4}
 
 
 def make_corpus(folder: Path, clips: int = 6, seed: int = 0) -> Path:
@@ -72,7 +74,7 @@ def make_teacher_checkpoint(path: Path, seed: int = 0, **changes: object) -> Pat
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+    return make_corpus(tmp_path_factory.mktemp("corpus"), clips=4)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def labelled(corpus: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("targets") / "store"
-    assert label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1") == 0
+    assert label(teacher_ckpt, corpus, out, batch_size=4, **CPU) == 0
     return out
 
 
@@ -131,12 +133,12 @@ def test_cached_targets_equal_live_teacher(labelled: Path, corpus: Path,
     for r in sample:
         audio = torch.from_numpy(load_clip(r, 16000)).unsqueeze(0)
         live_scores = model.score_labels(audio, [r.instruction], list(r.labels))[0]
-        live_answer = model.generate(audio, [r.instruction])[0]
+        live_answer = model.generate(audio, [r.instruction], max_new_tokens=4)[0]
         cached = store.get(r.id, r.task)
         assert cached is not None and cached.answer == live_answer
         np.testing.assert_allclose(cached.scores, live_scores.double().numpy(), atol=1e-4)
         if r.task == "detection":
-            live = teacher_rows(model, audio, [r])[0]
+            live = teacher_rows(model, audio, [r], max_new_tokens=4)[0]
             np.testing.assert_allclose(cached.probs, live["probs"], atol=1e-4)
 
 
@@ -158,15 +160,26 @@ def test_detection_probs_follow_the_scores() -> None:
 
 
 def test_resume_after_partial_run_has_no_duplicates(corpus: Path, teacher_ckpt: Path,
-                                                    labelled: Path, tmp_path: Path) -> None:
+                                                    labelled: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.label as label_module
+
     out = tmp_path / "store"
-    # A run killed after two shards: run the first task's records only, then resume all.
-    label(teacher_ckpt, corpus, out, batch_size=2, tasks=["species"], accelerator="cpu",
-          devices="1")
-    first = done_keys(out)
-    assert first and all(task == "species" for _, task in first)
-    (out / "index.json").unlink()  # a killed run never wrote its index
-    label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1")
+    real_write = label_module.write_part
+    calls = []
+
+    def dies_on_third_shard(*args: object, **kwargs: object) -> Path:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(label_module, "write_part", dies_on_third_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        label(teacher_ckpt, corpus, out, batch_size=2, **CPU)
+    monkeypatch.setattr(label_module, "write_part", real_write)
+    assert len(done_keys(out)) == 4 and not (out / "index.json").exists()
+    label(teacher_ckpt, corpus, out, batch_size=2, **CPU)
     rows = _rows_by_key(out)  # asserts no duplicates
     full = TargetStore(labelled)
     assert sorted(rows) == full.keys()
@@ -174,7 +187,7 @@ def test_resume_after_partial_run_has_no_duplicates(corpus: Path, teacher_ckpt: 
         np.testing.assert_allclose(row["scores"], full.get(*key).scores, atol=1e-4)
     # Nothing left: a third run writes no shard.
     before = sorted((out / "shards").iterdir())
-    label(teacher_ckpt, corpus, out, batch_size=4, accelerator="cpu", devices="1")
+    label(teacher_ckpt, corpus, out, batch_size=4, **CPU)
     assert sorted((out / "shards").iterdir()) == before
 
 
@@ -182,7 +195,7 @@ def test_store_of_another_teacher_is_refused(corpus: Path, labelled: Path,
                                              tmp_path: Path) -> None:
     other = make_teacher_checkpoint(tmp_path / "other.ckpt", seed=1, end_token="<|end_of_text|>")
     with pytest.raises(TargetMismatchError, match="targets come from teacher"):
-        label(other, corpus, labelled, accelerator="cpu", devices="1")
+        label(other, corpus, labelled, **CPU)
     store = TargetStore(labelled)
     with pytest.raises(TargetMismatchError, match="not 0000"):
         store.check(teacher_hash="0000000000000000")
@@ -194,7 +207,7 @@ def test_label_module_predicts_rows_in_batch_order() -> None:
                    output="Kea", labels=SPECIES) for i in range(2)]
     from distill.label import _plain
 
-    rows = LabelModule(model).predict_step({"audio": chirps(2, 1.0),
+    rows = LabelModule(model, max_new_tokens=4).predict_step({"audio": chirps(2, 1.0),
                                             "records": [_plain(r) for r in recs],
                                             "cut_s": [0.0, 0.5]}, 0)
     assert [r["id"] for r in rows] == ["c0", "c1"] and rows[1]["cut_s"] == 0.5
@@ -205,7 +218,7 @@ def test_no_resume_refuses_existing_store(corpus: Path, teacher_ckpt: Path,
     from runtime.errors import InputError
 
     with pytest.raises(InputError, match="already holds targets"):
-        label(teacher_ckpt, corpus, labelled, resume=False, accelerator="cpu", devices="1")
+        label(teacher_ckpt, corpus, labelled, resume=False, **CPU)
     assert read_meta(labelled).tasks["species"].labels == SPECIES
 
 
@@ -221,7 +234,7 @@ def test_two_process_ddp_writes_the_same_targets(corpus: Path, teacher_ckpt: Pat
         torch.set_num_threads(1)
         from distill.label import label
         label({str(teacher_ckpt)!r}, {str(corpus)!r}, {str(out)!r}, batch_size=2,
-              accelerator="cpu", devices="2", strategy="ddp")
+              accelerator="cpu", devices="2", strategy="ddp", max_new_tokens=4)
     """))
     env = {**os.environ, "PL_DISABLE_FORK": "1"}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
