@@ -45,7 +45,8 @@ from runtime.runners import RUNNER_BACKENDS, OrtRunner, Runner, open_runner
 log = logging.getLogger(__name__)
 
 COLUMNS = ("part", "backend", "precision", "variant", "batch", "load_s", "mean_ms", "p50_ms",
-           "p90_ms", "p99_ms", "windows_per_s", "x_real_time", "peak_rss_mb", "gpu_mb")
+           "p90_ms", "p99_ms", "windows_per_s", "x_real_time", "x_real_time_p50", "peak_rss_mb",
+           "gpu_mb")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def _row(part: str, backend: str, spec: ModelSpec | None, batch: int, window_s: 
             "file": spec.file if spec else None, "batch": batch, "load_s": load_s,
             **{k: v for k, v in timing.to_dict().items() if k.endswith("_ms") or k == "n"},
             "windows_per_s": per_s, "x_real_time": per_s * window_s,
+            "x_real_time_p50": batch * window_s / (timing.p50_ms / 1000.0),
             "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu_memory_mb()}
 
 

@@ -55,6 +55,7 @@ def test_latency_through_the_cli(bundle: Path, tmp_path: Path, real_recording: P
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["n"] == 3
         assert r["windows_per_s"] == pytest.approx(r["batch"] * 1000 / r["mean_ms"])
         assert r["x_real_time"] == pytest.approx(r["windows_per_s"] * 1.0)  # 1 s windows
+        assert r["x_real_time_p50"] == pytest.approx(r["batch"] * 1000 / r["p50_ms"])
         assert (r["load_s"] is not None) == (r["batch"] == 1)
         assert r["peak_rss_mb"] > 10
     body = {(r["precision"], r["batch"]): r["mean_ms"] for r in rows if r["part"] == "body"}
