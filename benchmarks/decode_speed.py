@@ -12,11 +12,8 @@ which stays far below the decoded size because nothing loads the file whole.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from benchmarks.harness import json_line, peak_rss_mb
 from runtime.audio import stream_audio
 from runtime.windows import WindowSpec, iter_windows
 
@@ -64,11 +62,6 @@ def _count(blocks: Iterable[np.ndarray]) -> int:
     return sum(len(b) for b in blocks)
 
 
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
-
-
 def run(minutes: float = 10.0, rate: int = 48000, channels: int = 2, fmt: str = "flac",
         block_s: float = 10.0, target_rate: int = 16000, window_s: float = 10.0) -> dict[str, object]:
     """Time decode, decode + resample and decode + resample + windows; print a table and JSON.
@@ -85,7 +78,7 @@ def run(minutes: float = 10.0, rate: int = 48000, channels: int = 2, fmt: str = 
     with tempfile.TemporaryDirectory() as folder:
         path = write_long_file(Path(folder) / f"long.{fmt}", minutes, rate, channels, fmt)
         size_mb = path.stat().st_size / 1e6
-        rss_before = _peak_rss_mb()
+        rss_before = peak_rss_mb()
         _count(stream_audio(path, target_rate, block_s=block_s, duration_s=5.0))  # warm-up
         seconds = minutes * 60
         spec = WindowSpec(window_s, window_s, "pad")
@@ -97,7 +90,7 @@ def run(minutes: float = 10.0, rate: int = 48000, channels: int = 2, fmt: str = 
                                         target_rate, spec)),
         }
         rows = {name: _time(stage) for name, stage in stages.items()}
-        rss_after = _peak_rss_mb()
+        rss_after = peak_rss_mb()
     decoded_mb = seconds * rate * channels * 4 / 1e6
     print(f"{minutes:g} min {fmt} {rate} Hz x{channels} ({size_mb:.1f} MB on disk, "
           f"{decoded_mb:.0f} MB decoded as float32), block {block_s:g} s -> {target_rate} Hz")
@@ -115,7 +108,7 @@ def run(minutes: float = 10.0, rate: int = 48000, channels: int = 2, fmt: str = 
         "numpy": np.__version__, "soundfile": sf.__version__,
         "libsndfile": sf.__libsndfile_version__, "soxr": _soxr_version(),
     }
-    print(json.dumps(result))
+    json_line(result)
     return result
 
 

@@ -9,7 +9,6 @@ median of timed runs; prints a table and a final JSON line with the context.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from benchmarks.harness import json_line
 from teacher.beats import BEATs, beats_config
 
 
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float | int | str]
         "seconds": args.seconds,
         "torch": torch.__version__,
     }
-    print(json.dumps({"benchmark": "encoder_speed", **context, "results": rows}))
+    json_line({"benchmark": "encoder_speed", **context, "results": rows})
     return rows
 
 
