@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from corpus.synth import SynthConfig
 
@@ -54,7 +55,7 @@ def synth(out: Path = DEFAULT_OUT, seed: int = 0, clips: int = DEFAULT_CLIPS, cl
     return 0
 
 
-def baseline(manifest: Path, split: str = "test", n_mels: int = 64, l2: float | None = None,
+def baseline(manifest: Path, split: Literal["valid", "test"] = "test", n_mels: int = 64, l2: float | None = None,
              steps: int = 500, json_line: bool = True) -> int:
     """Trivial baseline per task: logistic regression on mean log-mel, next to chance.
 

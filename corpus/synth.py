@@ -177,8 +177,8 @@ class SynthConfig:
     clips_per_recording: int = 10
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     species_per_clip_weights: tuple[float, ...] = (0.08, 0.42, 0.3, 0.2)
-    focal_snr_db: tuple[float, float] = (0.0, 20.0)
-    distractor_drop_db: tuple[float, float] = (3.0, 12.0)
+    focal_snr_db: tuple[float, float] = (3.0, 22.0)
+    distractor_drop_db: tuple[float, float] = (4.0, 14.0)
     background_dbfs: tuple[float, float] = (-60.0, -45.0)
     soundscape_min: float = 10.0
     soundscape_calls_per_min: float = 24.0
