@@ -71,7 +71,7 @@ def update_report(folder: str | os.PathLike[str], models: Sequence[Mapping[str, 
                                              m["file"]))
     path = Path(folder) / REPORT
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")  # keeps the task order
     return path
 
 
