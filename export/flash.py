@@ -240,7 +240,12 @@ CONFIG="$CONFIG_DIR/{CONFIG_FILE}"
 echo "naturelm-edge: checking the kit's sha256 sums"
 (cd "$KIT" && sha256sum --quiet --check {SUMS}) || {{
     echo "naturelm-edge: the kit is damaged or was changed; copy it again" >&2; exit 1; }}
-"$PYTHON" -c 'import sys; have = "%d.%d" % sys.version_info[:2]; sys.exit(None if have == "{python}" else "naturelm-edge: this kit holds wheels for Python {python}, but " + sys.executable + " is " + have + "; set PYTHON=python{python} or rebuild the kit with --python " + have)'
+HAVE="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "$HAVE" != "{python}" ]; then
+    echo "naturelm-edge: this kit holds wheels for Python {python}, but $PYTHON is $HAVE;" \\
+         "set PYTHON=python{python} or rebuild the kit with --python $HAVE" >&2
+    exit 1
+fi
 
 echo "naturelm-edge: creating $PREFIX/venv and installing from the wheelhouse (offline)"
 mkdir -p "$PREFIX"
@@ -269,7 +274,8 @@ if [ -e "$CONFIG" ]; then
     echo "naturelm-edge: keeping $CONFIG; the kit's config is in $NEW_CONFIG"
 fi
 sed "s#^bundle = .*#bundle = $PREFIX/bundle#" "$KIT/{CONFIG_FILE}" > "$NEW_CONFIG"
-FOLDERS="$("$PREFIX/venv/bin/python" -c 'import sys; from runtime.firstboot import read_config; c = read_config(sys.argv[1]); print(c.inbox); print(c.outbox)' "$CONFIG")"
+FOLDERS="$("$PREFIX/venv/bin/python" -c 'import sys, runtime.firstboot as f
+c = f.read_config(sys.argv[1]); print(c.inbox); print(c.outbox)' "$CONFIG")"
 while IFS= read -r folder; do mkdir -p "$folder"; done <<< "$FOLDERS"
 
 if [ "$SKIP_SYSTEMD" != "1" ]; then
@@ -286,7 +292,8 @@ if [ "$SKIP_SYSTEMD" != "1" ]; then
 fi
 
 echo "naturelm-edge: doctor"
-"$PREFIX/venv/bin/python" -c 'import sys; from runtime.doctor import doctor; sys.exit(doctor(config=sys.argv[1]))' "$CONFIG" \\
+"$PREFIX/venv/bin/python" -c 'import sys, runtime.doctor as d
+sys.exit(d.doctor(config=sys.argv[1]))' "$CONFIG" \\
     || echo "naturelm-edge: doctor reported a problem (see above)"
 echo "naturelm-edge: installed in $PREFIX"
 """
@@ -404,6 +411,7 @@ def build_own_wheel(project: Path, dest: Path) -> Path:
 
 def flash(
     bundle: Path,
+    *,
     target: TargetName,
     out: Path,
     python: str = "3.10",
@@ -425,6 +433,9 @@ def flash(
     wheel: Path | None = None,
 ) -> int:
     """Build an offline deployment kit (folder + .tar.gz) for one kind of field unit.
+
+    ``target`` and ``out`` are keyword-only: on the command line they are ``--target`` and
+    ``--out`` (required flags).
 
     Args:
         bundle: the bundle folder or .tar.gz (verified before anything is built).

@@ -359,9 +359,11 @@ def start(config: Path, retry_engine: bool = False, stop_after_s: float | None =
     finally:
         logging.getLogger("runtime").removeHandler(handler)
         handler.close()
-    return watch(unit.bundle, unit.inbox, out=unit.outbox, backend=backend,  # type: ignore[arg-type]
+    return watch(unit.bundle, unit.inbox, out=unit.outbox,
+                 backend=backend,  # type: ignore[arg-type]  # checked by UnitConfig
                  precision=unit.precision if backend == "engine" else None,
-                 policy=unit.policy, done_dir=unit.done_dir,  # type: ignore[arg-type]
+                 policy=unit.policy,  # type: ignore[arg-type]  # checked by UnitConfig
+                 done_dir=unit.done_dir,
                  settle_s=unit.settle_s, poll_s=unit.poll_s, batch_size=unit.max_batch,
                  threshold=unit.threshold, thresholds_file=unit.thresholds_file,
                  log_file=unit.log_file, stop_after_s=stop_after_s)

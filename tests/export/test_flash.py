@@ -98,14 +98,14 @@ def test_flash_refuses_a_bad_bundle_and_a_used_folder(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "tones")
     (bundle / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(ManifestError, match="does not verify"):
-        flash(bundle, "cpu-x86_64", tmp_path / "kit")
+        flash(bundle, target="cpu-x86_64", out=tmp_path / "kit")
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("x")
     with pytest.raises(FileExistsError):
-        flash(make_bundle(tmp_path / "ok"), "cpu-x86_64", used)
+        flash(make_bundle(tmp_path / "ok"), target="cpu-x86_64", out=used)
     with pytest.raises(ValueError, match="unknown target"):
-        flash(bundle, "jetson-nano", tmp_path / "k2")  # type: ignore[arg-type]
+        flash(bundle, target="jetson-nano", out=tmp_path / "k2")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- registry tests
@@ -129,8 +129,9 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not _registry_reachable(root / "probe"):
         pytest.skip("the package registry is unreachable (pip download failed)")
     bundle = make_bundle(root / "tones")
-    assert flash(bundle, "cpu-x86_64", root / "kit", python=PYTHON, inbox=root / "inbox",
-                 outbox=root / "detections", log_file=root / "log" / "watch.log") == 0
+    assert flash(bundle, target="cpu-x86_64", out=root / "kit", python=PYTHON,
+                 inbox=root / "inbox", outbox=root / "detections",
+                 log_file=root / "log" / "watch.log") == 0
     return root / "kit"
 
 
@@ -142,7 +143,8 @@ def test_kit_holds_everything_and_its_archive_matches(kit: Path, tmp_path: Path)
     wheels = {wheel_name_version(Path(w))[0] for w in meta["wheels"]}
     assert {"naturelm-edge", "numpy", "soundfile", "soxr", "onnxruntime"} <= wheels
     assert not wheels & {"torch", "lightning", "transformers", "onnx"}
-    assert (kit / "requirements.txt").read_text().split() == [f"naturelm-edge=={meta['naturelm_edge']}"]
+    pinned = f"naturelm-edge=={meta['naturelm_edge']}"
+    assert (kit / "requirements.txt").read_text().split() == [pinned]
     assert not (kit / "bundle" / "engines").exists()
     assert verify_kit(kit) == []
     subprocess.run(["sha256sum", "--quiet", "--check", SUMS], cwd=kit, check=True)
@@ -167,6 +169,21 @@ def test_tampered_kit_is_caught_and_not_installed(kit: Path, tmp_path: Path) -> 
                             env=_install_env(tmp_path))
     assert result.returncode == 1
     assert "the kit is damaged or was changed" in result.stderr
+    assert not (tmp_path / "opt").exists()
+
+
+@pytest.mark.registry
+@pytest.mark.slow
+def test_install_refuses_another_python(kit: Path, tmp_path: Path) -> None:
+    other = tmp_path / "python-other"
+    other.write_text("#!/bin/sh\necho 3.9\n")
+    other.chmod(0o755)
+    env = {**_install_env(tmp_path), "PYTHON": str(other)}
+    result = subprocess.run(["bash", str(kit / "install.sh")], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 1
+    assert f"this kit holds wheels for Python {PYTHON}" in result.stderr
+    assert "rebuild the kit with --python 3.9" in result.stderr
     assert not (tmp_path / "opt").exists()
 
 
