@@ -19,7 +19,8 @@ probabilities of `distill.targets.marginal_probs`.
     >>> from corpus.tasks import instruction_for
     >>> rec = Record(id="c1.species", task="species", instruction=instruction_for("species"),
     ...              output="Kea", labels=("Kea", "Tui"))
-    >>> rows = teacher_rows(tiny_model(), chirps(1, 2.0), [rec])
+    >>> model = tiny_model()
+    >>> rows = teacher_rows(model, chirps(1, model.cfg.clip_s), [rec], max_new_tokens=4)
     >>> sorted(rows[0]), len(rows[0]["scores"])
     (['answer', 'id', 'scores', 'task'], 2)
 """
