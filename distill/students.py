@@ -263,6 +263,12 @@ def _transformer_backbone(cfg: StudentConfig) -> tuple[nn.Module, int]:
     import torch
     from torch import nn
 
+    class Gelu(nn.Module):
+        """Exact GELU written with erf, so ONNX gets Erf (TensorRT-safe) rather than Gelu-20."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * x * (1.0 + torch.erf(x * 0.7071067811865476))
+
     class Attention(nn.Module):
         def __init__(self, dim: int, heads: int) -> None:
             super().__init__()
@@ -283,7 +289,7 @@ def _transformer_backbone(cfg: StudentConfig) -> tuple[nn.Module, int]:
             super().__init__()
             self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
             self.attn = Attention(dim, heads)
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), Gelu(), nn.Linear(hidden, dim))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = x + self.attn(self.norm1(x))
@@ -294,12 +300,13 @@ def _transformer_backbone(cfg: StudentConfig) -> tuple[nn.Module, int]:
             super().__init__()
             dim, stem = config.dim, max(16, config.dim // 4)
             self.stem = nn.Sequential(
-                nn.Conv2d(1, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.GELU(),
-                nn.Conv2d(stem, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.GELU())
+                nn.Conv2d(1, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), Gelu(),
+                nn.Conv2d(stem, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), Gelu())
             mels = config.frontend.n_mels
             stem_mels = ((mels + 1) // 2 + 1) // 2
             self.embed = nn.Linear(stem * stem_mels, dim)
             self.pos = nn.Conv1d(dim, dim, 15, padding=7, groups=dim)
+            self.pos_act = Gelu()
             self.layers = nn.ModuleList(
                 Layer(dim, config.heads, int(dim * config.mlp_ratio)) for _ in range(config.depth))
             self.norm = nn.LayerNorm(dim)
@@ -307,7 +314,7 @@ def _transformer_backbone(cfg: StudentConfig) -> tuple[nn.Module, int]:
         def forward(self, mel: torch.Tensor) -> torch.Tensor:
             x = self.stem(mel)  # [B, C, F', T']
             x = self.embed(x.flatten(1, 2).transpose(1, 2))  # [B, T', dim]
-            x = x + nn.functional.gelu(self.pos(x.transpose(1, 2))).transpose(1, 2)
+            x = x + self.pos_act(self.pos(x.transpose(1, 2))).transpose(1, 2)
             for layer in self.layers:
                 x = layer(x)
             return self.norm(x).mean(1)
@@ -337,7 +344,7 @@ def build_student(cfg: StudentConfig) -> nn.Module:
                                         for name, head in config.tasks.items()})
 
         def forward(self, audio: torch.Tensor) -> dict[str, torch.Tensor]:
-            mel = self.norm(self.frontend(audio)[:, 0]).unsqueeze(1)
+            mel = self.norm(self.frontend(audio).squeeze(1)).unsqueeze(1)
             features = self.backbone(mel)
             if features.dim() == 4:
                 features = features.mean((2, 3))
