@@ -42,6 +42,9 @@ COMMANDS: dict[str, Command] = {
     "corpus baseline": Command("corpus.cli:baseline"),
     "corpus convert": Command("corpus.convert:convert", extra="train"),
     "analyze": Command("runtime.analyze:analyze"),
+    "start": Command("runtime.firstboot:start"),
+    "doctor": Command("runtime.doctor:doctor"),
+    "flash": Command("export.flash:flash"),
     "watch": Command("runtime.watch:watch"),
     "verify": Command("runtime.verify_cli:verify"),
     "bench decode": Command("benchmarks.decode_speed:run"),
@@ -115,7 +118,9 @@ def _add_parameter(parser: argparse.ArgumentParser, name: str, param: inspect.Pa
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     flag = "--" + name.replace("_", "-")
-    positional = param.default is inspect.Parameter.empty
+    required = param.default is inspect.Parameter.empty
+    # Keyword-only parameters are flags (required ones when they have no default).
+    positional = required and param.kind is not inspect.Parameter.KEYWORD_ONLY
     kwargs: dict[str, object] = {"help": help_text}
     if tp is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction,
@@ -131,6 +136,8 @@ def _add_parameter(parser: argparse.ArgumentParser, name: str, param: inspect.Pa
         kwargs["type"] = tp
     if positional:
         parser.add_argument(name, **kwargs)
+    elif required:
+        parser.add_argument(flag, dest=name, required=True, **kwargs)
     else:
         if param.default is not None:
             kwargs["help"] = f"{help_text} (default: {param.default})".strip()

@@ -11,7 +11,7 @@ import pytest
 from naturelm_edge import cli
 
 
-def _example(source: Path, out: Path | None = None, seed: int = 0, rate: float = 1.5,
+def _example(source: Path, *, target: str, out: Path | None = None, seed: int = 0, rate: float = 1.5,
              tasks: list[str] | None = None, mode: Literal["a", "b"] = "a",
              resume: bool = True) -> int:
     """Do an example thing.
@@ -27,11 +27,13 @@ def _example(source: Path, out: Path | None = None, seed: int = 0, rate: float =
 
 def test_parser_follows_signature_types_and_docstring() -> None:
     parser = cli.parser_for(_example, "x")
-    args = parser.parse_args(["in.wav", "--out", "o", "--seed", "3", "--rate", "2",
+    args = parser.parse_args(["in.wav", "--target", "t", "--out", "o", "--seed", "3", "--rate", "2",
                               "--tasks", "species", "count", "--mode", "b", "--no-resume"])
-    assert vars(args) == {"source": Path("in.wav"), "out": Path("o"), "seed": 3, "rate": 2.0,
+    assert vars(args) == {"source": Path("in.wav"), "target": "t", "out": Path("o"), "seed": 3, "rate": 2.0,
                           "tasks": ["species", "count"], "mode": "b", "resume": False}
-    assert vars(parser.parse_args(["in.wav"]))["resume"] is True
+    assert vars(parser.parse_args(["in.wav", "--target", "t"]))["resume"] is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["in.wav"])  # --target is required
     text = parser.format_help()
     assert "Do an example thing." in text
     assert "wraps onto a second line" in text
