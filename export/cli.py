@@ -2,10 +2,10 @@
 
 The usual order, on the workstation and then on the device::
 
-    naturelm-edge export onnx runs/student.ckpt --out runs/export --recording birds.wav
-    naturelm-edge export quantize runs/export --manifest runs/corpus/manifest.jsonl
+    naturelm-edge export onnx runs/student.ckpt runs/export --recording birds.wav
+    naturelm-edge export quantize runs/export runs/corpus/manifest.jsonl
     naturelm-edge export compare runs/export --checkpoint runs/student.ckpt
-    naturelm-edge export bundle runs/export --out runs/bundle --targets runs/targets \\
+    naturelm-edge export bundle runs/export runs/bundle --targets runs/targets \\
         --manifest runs/corpus/manifest.jsonl
     naturelm-edge export engine runs/bundle --precision fp16      # on the Jetson
 
