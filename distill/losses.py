@@ -4,7 +4,7 @@ Single-label tasks (`kd_loss`): the KL divergence between the tempered teacher a
 distributions, ``T**2 * KL(softmax(t / T) || softmax(s / T))`` (Hinton et al.; the ``T**2`` keeps
 the soft gradients' scale independent of ``T``), blended with the cross-entropy on the hard label:
 ``alpha * soft + (1 - alpha) * hard``. The teacher's inputs are its per-label log-likelihoods
-(any additive constant per clip cancels in the softmax).
+(any additive constant per clip cancels in the softmax; ``-inf`` rules a label out).
 
 Multi-label detection (`kd_loss_binary`): each label is a Bernoulli; the teacher's per-label
 probability, tempered in logit space, is the soft target of a binary KL on the student's sigmoid,
@@ -80,7 +80,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
     teacher = torch.where(keep[:, None], teacher_logprobs, torch.zeros_like(teacher_logprobs))
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    p_teacher = log_p_teacher.exp()
+    # A label the teacher rules out (log-likelihood -inf) adds 0, not 0 * inf.
+    terms = p_teacher * (log_p_teacher - log_p_student)
+    kl = torch.where(p_teacher > 0, terms, torch.zeros_like(terms)).sum(-1)
     soft = _masked_mean(kl, keep) * temperature**2
     if hard_labels is None:
         if alpha != 1.0:

@@ -166,3 +166,19 @@ def test_bad_arguments_raise() -> None:
         kd_loss(student, teacher[:, :3], hard)
     with pytest.raises(ValueError, match="mask"):
         kd_loss(student, teacher, hard, mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_a_label_the_teacher_rules_out_adds_nothing() -> None:
+    student, teacher, hard = _batch(9, labels=4)
+    ruled_out = teacher.clone()
+    ruled_out[:, 3] = float("-inf")
+    loss = kd_loss(student, ruled_out, hard, temperature=2.0, alpha=0.5)
+    loss.backward()
+    assert math.isfinite(float(loss)) and torch.isfinite(student.grad).all()
+    # Reference: the teacher's mass renormalised over labels 0..2, the student's over all 4.
+    t = 2.0
+    p_t = torch.softmax(teacher[:, :3] / t, -1)
+    log_p_s = torch.log_softmax(student.detach() / t, -1)[:, :3]
+    soft = (t * t * (p_t * (p_t.log() - log_p_s)).sum(-1)).mean()
+    ce = torch.nn.functional.cross_entropy(student.detach(), hard)
+    assert float(loss) == pytest.approx(float(0.5 * soft + 0.5 * ce), rel=1e-10)
