@@ -19,11 +19,11 @@ clips that have it; when none has, the term is an exact 0 that still carries a g
     >>> import torch
     >>> s = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
     >>> t = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
-    >>> float(kd_loss(s, t, torch.tensor([0]), temperature=2.0, alpha=1.0))
+    >>> kd_loss(s, t, torch.tensor([0]), temperature=2.0, alpha=1.0).item()
     0.0
     >>> loss = kd_loss(s, t, torch.tensor([-1]), temperature=2.0, alpha=0.5,
     ...                mask=torch.tensor([False]))
-    >>> float(loss), loss.requires_grad
+    >>> loss.item(), loss.requires_grad
     (0.0, True)
 """
 
