@@ -194,9 +194,22 @@ def engine(bundle: Path, precision: Literal["fp32", "fp16", "int8"] = "fp16",
     return 0
 
 
+def _latencies(export_dir: Path, report: dict) -> dict[str, float]:
+    """``{"<precision>-<variant>.cpu.b1.t1": median ms}`` for every model in the report."""
+    from export.compare import cpu_latency_ms
+    from export.spec import ExportSpec
+
+    if "spec" not in report:
+        return {}
+    audio = ExportSpec.from_dict(report["spec"]).dummy_input(1)
+    return {f"{m['precision']}-{m['variant']}.cpu.b1.t1":
+            cpu_latency_ms(export_dir / m["file"], audio, threads=1, repeats=10)
+            for m in report.get("models", [])}
+
+
 def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = "1",
            targets: Path | None = None, manifest: Path | None = None, teacher_id: str = "",
-           threshold: float = 0.5, hop_s: float | None = None) -> int:
+           threshold: float = 0.5, hop_s: float | None = None, latency: bool = True) -> int:
     """Write a bundle folder and .tar.gz from an export folder.
 
     Args:
@@ -209,6 +222,7 @@ def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = 
         teacher_id: the teacher's id (default: the target store's or checkpoint's hash).
         threshold: default score threshold of every task.
         hop_s: hop between windows in seconds (default: the window).
+        latency: record each model's median CPU latency (1 thread, one window) in the bundle.
     """
     from export.bundle import read_report, teacher_agreement, write_bundle
     from export.spec import ExportSpec
@@ -230,7 +244,8 @@ def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = 
                   + ", ".join(f"{t} {v:.2%}" for t, v in scores.items())
                   + f" ({missing} clips without a target)")
     thresholds = {task: threshold for task in report.get("student", {}).get("tasks", {})}
+    latency_ms = _latencies(export_dir, report) if latency else {}
     folder, tar = write_bundle(export_dir, out, name, version, thresholds, hop_s, teacher,
-                               agreement)
+                               agreement, latency_ms)
     print(f"wrote {folder} and {tar}")
     return 0

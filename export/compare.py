@@ -87,6 +87,26 @@ def _run_engine(path: Path, audio: np.ndarray) -> Outputs:
         return runner.infer({"audio": audio})
 
 
+def cpu_latency_ms(path: str | os.PathLike[str], audio: np.ndarray, threads: int = 1,
+                   repeats: int = 20) -> float:
+    """Median milliseconds of one ``infer`` of ``audio`` on ONNX Runtime's CPU provider, after
+    one warm-up run (a quick figure for bundles; `benchmarks` measures latency in full)."""
+    import time
+
+    from runtime.runners import OrtRunner
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with OrtRunner(path, backend="cpu", threads=threads) as runner:
+        runner.infer({"audio": audio})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.infer({"audio": audio})
+            times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
 def compare_models(student: nn.Module | None, models: Mapping[str, str | os.PathLike[str]],
                    audio: np.ndarray, engines: Mapping[str, str | os.PathLike[str]] | None = None,
                    reference: str = "torch", threads: int = 1) -> list[CompareRow]:

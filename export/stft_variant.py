@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,31 +132,19 @@ def _mel_spec(spec: ExportSpec) -> ExportSpec:
     return replace(spec, output_names=["mel"])
 
 
-def _median_ms(path: Path, audio: np.ndarray, threads: int, repeats: int) -> float:
-    from runtime.runners import OrtRunner
-
-    with OrtRunner(path, backend="cpu", threads=threads) as runner:
-        runner.infer({"audio": audio})
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.infer({"audio": audio})
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
 def measure_frontends(config: FrontEndConfig, spec: ExportSpec, workdir: str | os.PathLike[str],
                       batch: int = 1, threads: int = 1, repeats: int = 20) -> FrontEndTiming:
     """Export both front ends alone and time them on ONNX Runtime's CPU provider."""
     from distill.frontend import build_frontend
+    from export.compare import cpu_latency_ms
 
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     audio = spec.dummy_input(batch)
     conv = _frontend_onnx(build_frontend(config), spec, folder / "frontend.conv.onnx")
     stft = _frontend_onnx(stft_frontend(config), spec, folder / "frontend.stft.onnx")
-    return FrontEndTiming(conv_ms=_median_ms(conv, audio, threads, repeats),
-                          stft_ms=_median_ms(stft, audio, threads, repeats),
+    return FrontEndTiming(conv_ms=cpu_latency_ms(conv, audio, threads, repeats),
+                          stft_ms=cpu_latency_ms(stft, audio, threads, repeats),
                           batch=batch, threads=threads)
 
 

@@ -95,12 +95,35 @@ def test_bundle_records_models_labels_hashes_and_teacher_agreement(
     assert m.agreement["fp32.species"] == pytest.approx(expected)
     assert set(m.agreement) == {f"{p}.species" for p in ("fp32", "fp16", "int8")}
     assert {"onnx", "onnxruntime", "torch"} <= set(m.tools)
+    assert set(m.latency_ms) == {f"{p}-conv.cpu.b1.t1" for p in ("fp32", "fp16", "int8")}
+    assert all(v > 0 for v in m.latency_ms.values())
     assert onnx_for(loaded, "int8").file == "model.int8.onnx"
     assert onnx_for(loaded, "fp16").file == "model.onnx"
     (out / "model.int8.onnx").write_bytes(b"tampered")
     assert any("model.int8.onnx: sha256 mismatch" in p for p in verify_bundle(out))
     with pytest.raises(InputError, match="already exists"):
         write_bundle(export_dir, out)
+
+
+def test_model_order_puts_the_cpu_stft_variant_first_and_keeps_tensorrt_on_conv(
+        tmp_path: Path, export_dir: Path) -> None:
+    from export.bundle import bundle_manifest, model_entry, update_report
+    from runtime.bundle import Bundle
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    shutil.copyfile(export_dir / "export.json", folder / "export.json")
+    update_report(folder, models=[model_entry("model.stft.onnx", "fp32", "stft")])
+    files = [m["file"] for m in read_report(folder)["models"]]
+    assert files == ["model.stft.onnx", "model.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    assert read_report(folder)["models"][0]["backends"] == ["cpu"]
+    manifest = bundle_manifest(read_report(folder), "b", "1")
+    loaded = Bundle(root=folder, manifest=manifest)
+    assert loaded.model_for("cpu").file == "model.stft.onnx"
+    assert loaded.model_for("tensorrt").file == "model.onnx"
+    assert loaded.model_for("cpu", precision="int8").file == "model.int8.onnx"
+    with pytest.raises(ValueError, match="thresholds for unknown tasks"):
+        bundle_manifest(read_report(folder), "b", "1", thresholds={"sounds": 0.5})
 
 
 def test_bundle_refuses_a_folder_that_is_not_an_export(tmp_path: Path) -> None:
