@@ -109,6 +109,7 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     heldout = manifest_clips(manifest, spec, heldout_splits, heldout_clips)
     scores: dict[str, dict[str, float]] = {}
     models = []
+    fields = {}
     for precision in precisions:
         out = export_dir / _variant_file(precision)
         if precision == "fp16":
@@ -116,10 +117,13 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         else:
             calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
             to_int8(fp32, out, calib)
+            fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
+                                     "clips": len(calib)}
         scores[precision] = check_variant(fp32, out, precision, heldout, spec)
         models.append(model_entry(out.name, precision, "conv"))
     update_report(export_dir, models=models, agreement_fp32=scores,
-                  heldout={"manifest": str(manifest), "clips": len(heldout)})
+                  heldout={"manifest": str(manifest), "splits": list(heldout_splits),
+                           "clips": len(heldout)}, **fields)
     return 0
 
 

@@ -8,7 +8,9 @@ updates a timing cache kept in the bundle's ``engines/`` folder, and writes the 
 sidecar `runtime.trt_runner` checks (TensorRT version, GPU name, compute capability, precision,
 profile, the ONNX's sha256).
 
-``tensorrt`` is imported only inside `build_engine`; the option, flag and profile logic
+For ``int8`` the network is weakly typed with Q/DQ nodes (explicit quantization), built with the
+INT8 and FP16 flags as TensorRT 10.3 on JetPack 6 expects; layers left unquantized (the front
+end) run in FP16 or FP32. ``tensorrt`` is imported only inside `build_engine`; the option, flag and profile logic
 (`EngineOptions`, `builder_flags`, `profile_shapes`, `onnx_for`) is plain Python and tested
 without TensorRT.
 

@@ -71,6 +71,7 @@ def test_variants_agree_with_fp32_on_held_out_clips(export_dir: Path, manifest: 
                                                     spec: ExportSpec) -> None:
     report = read_report(export_dir)
     assert report["heldout"]["clips"] == 16
+    assert report["calibration"] == {"manifest": str(manifest), "split": "train", "clips": 32}
     assert min(report["agreement_fp32"]["fp16"].values()) >= 0.995
     assert min(report["agreement_fp32"]["int8"].values()) >= 0.99
     clips = manifest_clips(manifest, spec, ("test",))
