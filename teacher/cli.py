@@ -69,17 +69,27 @@ def teacher_cli(args: Sequence[str] | None, run: bool = True, instantiate: bool 
     from teacher.lightning import TeacherDataModule, TeacherModule
 
     class TeacherCLI(LightningCLI):
-        """Adds a checkpoint callback that writes ``<default_root_dir>/teacher.ckpt``."""
+        """Adds a checkpoint callback that writes ``<default_root_dir>/teacher.ckpt`` and
+        ``num_threads`` (torch intra-op threads; on a shared CPU one thread per process avoids
+        OpenMP threads spinning while a sibling is descheduled)."""
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.filename": "teacher",
                                  "checkpoint.enable_version_counter": False})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
+            parser.add_argument("--num_threads", type=int | None, default=None,
+                                help="torch intra-op threads (default: torch's choice)")
 
         def instantiate_classes(self) -> None:
-            if instantiate:
-                super().instantiate_classes()
+            if not instantiate:
+                return
+            import torch
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.get("num_threads"):
+                torch.set_num_threads(int(config["num_threads"]))
+            super().instantiate_classes()
 
     return TeacherCLI(TeacherModule, TeacherDataModule, args=list(args or []), run=run,
                       save_config_kwargs={"overwrite": True})

@@ -30,6 +30,7 @@ def test_shipped_yaml_parses(name: str) -> None:
     if name == "tiny":
         assert config.trainer.accelerator == "cpu"
         assert config.trainer.precision == "32-true"
+        assert config.num_threads == 1
 
 
 def test_shipped_config_names_resolve_and_unknown_raise() -> None:

@@ -313,6 +313,7 @@ def test_cli_fit_then_eval(corpus: Path, tmp_path: Path, capsys: pytest.CaptureF
                 "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(root)]) == 0
     assert (root / "teacher.ckpt").is_file()
+    assert torch.get_num_threads() == 1  # the shipped tiny config's num_threads
     capsys.readouterr()
     out = tmp_path / "eval.json"
     assert teacher_eval(root / "teacher.ckpt", corpus, split="test", out=out, batch_size=4,
