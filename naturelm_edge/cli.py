@@ -34,27 +34,38 @@ class Command:
     target: str
     extra: str | None = None
     passthrough: bool = False
+    summary: str = ""
 
 
 # The table. Keys are the words typed after `naturelm-edge`.
 COMMANDS: dict[str, Command] = {
-    "corpus synth": Command("corpus.cli:synth"),
-    "corpus baseline": Command("corpus.cli:baseline"),
-    "corpus convert": Command("corpus.convert:convert", extra="train"),
-    "export onnx": Command("export.cli:onnx", extra="export"),
-    "export quantize": Command("export.cli:quantize", extra="export"),
-    "export compare": Command("export.cli:compare", extra="export"),
-    "export engine": Command("export.cli:engine", extra="trt"),
-    "export bundle": Command("export.cli:bundle", extra="export"),
-    "analyze": Command("runtime.analyze:analyze"),
-    "start": Command("runtime.firstboot:start"),
-    "doctor": Command("runtime.doctor:doctor"),
-    "flash": Command("export.flash:flash"),
-    "watch": Command("runtime.watch:watch"),
-    "verify": Command("runtime.verify_cli:verify"),
-    "bench decode": Command("benchmarks.decode_speed:run"),
-    "bench latency": Command("benchmarks.cli:latency"),
-    "bench peer": Command("benchmarks.cli:peer", extra="peer"),
+    "corpus synth": Command("corpus.cli:synth", summary="write the synthetic chorus corpus"),
+    "corpus baseline": Command("corpus.cli:baseline",
+                               summary="a trivial baseline per task (mean log-mel + LR)"),
+    "corpus convert": Command("corpus.convert:convert", extra="train",
+                              summary="BEANS-Zero / Raven / class folders to a manifest"),
+    "export onnx": Command("export.cli:onnx", extra="export",
+                           summary="student checkpoint to ONNX, checked against torch"),
+    "export quantize": Command("export.cli:quantize", extra="export",
+                               summary="FP16 and INT8 variants, checked against FP32"),
+    "export compare": Command("export.cli:compare", extra="export",
+                              summary="torch vs ONNX Runtime FP32/FP16/INT8 (vs TensorRT)"),
+    "export engine": Command("export.cli:engine", extra="trt",
+                             summary="build a TensorRT engine into a bundle (on the target)"),
+    "export bundle": Command("export.cli:bundle", extra="export",
+                             summary="write the bundle folder and .tar.gz"),
+    "analyze": Command("runtime.analyze:analyze", summary="analyse recordings with a bundle"),
+    "watch": Command("runtime.watch:watch", summary="field daemon: analyse files as they arrive"),
+    "start": Command("runtime.firstboot:start",
+                     summary="unit start-up: build the engine once, then watch"),
+    "verify": Command("runtime.verify_cli:verify", summary="check a bundle's hashes and schema"),
+    "doctor": Command("runtime.doctor:doctor", summary="field-unit health checks"),
+    "flash": Command("export.flash:flash", summary="offline deployment kit for a target unit"),
+    "bench decode": Command("benchmarks.decode_speed:run", summary="decode + resample speed"),
+    "bench latency": Command("benchmarks.cli:latency",
+                             summary="latency per backend x precision x batch"),
+    "bench peer": Command("benchmarks.cli:peer", extra="peer",
+                          summary="BirdNET V2.4 vs our student on one recording"),
 }
 
 # Modules that only a workstation extra provides, mapped to that extra.
@@ -166,7 +177,8 @@ def _load(command: Command, words: str) -> Callable[..., object]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         root = (exc.name or "").split(".")[0]
-        extra = command.extra or _EXTRA_OF_MODULE.get(root)
+        # The missing module names the extra best (export onnx without torch needs [train]).
+        extra = _EXTRA_OF_MODULE.get(root) or command.extra
         if extra is None or root in ("runtime", "corpus", "teacher", "distill", "export"):
             raise
         raise MissingExtraError(
@@ -189,10 +201,11 @@ def _usage() -> str:
     lines = ["usage: naturelm-edge COMMAND [ARGS...]", "", "commands:"]
     width = max(len(k) for k in COMMANDS)
     for words, command in COMMANDS.items():
-        extra = f"  [needs {command.extra}]" if command.extra else ""
-        lines.append(f"  {words:<{width}}  {command.target}{extra}")
+        extra = f"  [{command.extra}]" if command.extra else ""
+        lines.append(f"  {words:<{width}}  {command.summary}{extra}")
     lines.append("")
-    lines.append("`naturelm-edge COMMAND --help` describes one command.")
+    lines.append("`naturelm-edge COMMAND --help` describes one command; [extra] names the")
+    lines.append("pip extra a workstation command needs (pip install 'naturelm-edge[extra]').")
     return "\n".join(lines)
 
 
