@@ -437,6 +437,7 @@ def run_accuracy(bundles: Sequence[Path], manifest: Path, targets: Path | None =
 
 def accuracy(
     bundles: list[Path],
+    *,
     manifest: Path,
     targets: Path | None = None,
     teacher: Path | None = None,

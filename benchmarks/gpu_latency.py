@@ -96,7 +96,7 @@ def eager_call(model: Any, audio: Any, device: str, precision: str) -> Callable[
 
 def graph_call(model: Any, audio: Any, device: str, precision: str) -> Callable[[], object]:
     """A CUDA graph of one forward on a static copy of ``audio``: warm-up on a side stream,
-    capture, then each call replays it."""
+    capture, then each call replays it and returns the graph's (static) outputs."""
     import torch
 
     static = audio.clone()
@@ -108,8 +108,13 @@ def graph_call(model: Any, audio: Any, device: str, precision: str) -> Callable[
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph), _autocast(device, precision):
-        model(static)
-    return graph.replay
+        outputs = model(static)
+
+    def replay() -> object:
+        graph.replay()
+        return outputs
+
+    return replay
 
 
 def _gpu_mb(device: str) -> float | None:
