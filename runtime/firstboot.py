@@ -12,7 +12,8 @@ recorded in `engines/firstboot-failed.json` so later starts do not retry it for 
 device and model (delete the file, or pass ``retry=True``, to try again). Then it runs
 `runtime.watch.watch` with the config's settings.
 
-`tensorrt` is imported only inside `build_engine`, so this module imports anywhere.
+The engine is built by `runtime.trt_build` (the builder `naturelm-edge export engine` uses
+too), which imports `tensorrt` only inside its build, so this module imports anywhere.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "naturelm-edge.conf"
@@ -39,18 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import Bundle, ModelSpec, load_bundle
+from runtime import trt_build
+from runtime.bundle import Bundle, load_bundle
 from runtime.errors import ManifestError
-from runtime.files import atomic_write_bytes, atomic_write_text
-from runtime.trt_runner import (
-    DeviceInfo,
-    EngineMismatchError,
-    EngineSidecar,
-    current_device,
-    engine_file_name,
-    find_engine,
-    write_sidecar,
-)
+from runtime.files import atomic_write_text
+from runtime.trt_build import ENGINE_PRECISIONS, EngineOptions, engine_model
+from runtime.trt_build import EngineBuildError as EngineBuildError  # raised by build_engine
+from runtime.trt_runner import DeviceInfo, EngineMismatchError, current_device, find_engine
 
 # Named explicitly: run as `python -m runtime.firstboot`, __name__ is "__main__".
 log = logging.getLogger("runtime.firstboot")
@@ -58,13 +54,8 @@ log = logging.getLogger("runtime.firstboot")
 SECTION = "naturelm-edge"
 BACKENDS = ("engine", "tensorrt", "cuda", "cpu")
 ORT_BACKENDS = ("tensorrt", "cuda", "cpu")
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 POLICIES = ("leave", "move", "delete")
 FAILED_MARKER = "firstboot-failed.json"
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse the ONNX model or build an engine from it."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +69,8 @@ class UnitConfig:
     fallback_backend: str = "cpu"
     precision: str = "fp16"
     max_batch: int = 8
+    workspace_mb: int = 1024
+    dla_core: int | None = None
     threshold: float | None = None
     thresholds_file: Path | None = None
     policy: str = "leave"
@@ -106,8 +99,11 @@ class UnitConfig:
             problems.append("policy 'move' needs done_dir")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold {self.threshold} is not in [0, 1]")
-        if min(self.rate, self.channels, self.bits, self.max_batch) < 1:
-            problems.append("rate, channels, bits and max_batch must be positive")
+        if min(self.rate, self.channels, self.bits, self.max_batch, self.workspace_mb) < 1:
+            problems.append("rate, channels, bits, max_batch and workspace_mb must be positive")
+        if self.dla_core is not None and (self.dla_core < 0 or self.precision == "fp32"):
+            problems.append(f"dla_core {self.dla_core} needs a core index >= 0 and precision "
+                            f"fp16 or int8 (DLA has no FP32)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -120,6 +116,9 @@ _COMMENTS = {
     "fallback_backend": "ONNX Runtime backend used when the engine cannot be built or run",
     "precision": "engine precision: fp32, fp16 or int8 (int8 needs a QDQ model in the bundle)",
     "max_batch": "largest batch the engine's optimisation profile takes",
+    "workspace_mb": "TensorRT workspace limit for the engine build, in MiB",
+    "dla_core": "build the engine for this DLA core with GPU fallback (Orin NX / AGX); "
+                "empty: GPU only",
     "threshold": "one threshold for every task and label; empty: the bundle's defaults",
     "thresholds_file": "CSV task,label,threshold overriding the above; empty: none",
     "policy": "what happens to an analysed recording: leave, move (to done_dir) or delete",
@@ -173,8 +172,10 @@ def read_config(path: Path) -> UnitConfig:
 
 def _parse(key: str, raw: str) -> Any:
     default = getattr(UnitConfig(), key)
-    if key in ("threshold", "thresholds_file", "done_dir", "log_file") and raw == "":
+    if key in ("threshold", "thresholds_file", "done_dir", "log_file", "dla_core") and raw == "":
         return None
+    if key == "dla_core":
+        return int(raw)
     if key == "threshold" or isinstance(default, float):
         return float(raw)
     if isinstance(default, int):
@@ -189,73 +190,25 @@ def _parse(key: str, raw: str) -> Any:
 # ----------------------------------------------------------------------------- engine build
 
 
-def engine_model(bundle: Bundle, precision: str) -> ModelSpec:
-    """The ONNX model an engine of `precision` is built from: the bundle's INT8 (QDQ) model
-    for int8, otherwise its first fp32 model for TensorRT (FP16 is a builder flag)."""
-    if precision == "int8":
-        return bundle.model_for("tensorrt", precision="int8")
-    try:
-        return bundle.model_for("tensorrt", precision="fp32")
-    except ManifestError:
-        return bundle.model_for("tensorrt")
-
-
 def build_engine(bundle: Bundle, precision: str = "fp16", max_batch: int = 8,
-                 device: DeviceInfo | None = None, workspace_mb: int = 1024) -> Path:
-    """Build a TensorRT engine for this GPU from the bundle's ONNX model and store it, with
-    its sidecar, in the bundle's `engines/` folder; returns the engine's path.
+                 device: DeviceInfo | None = None, workspace_mb: int = 1024,
+                 dla_core: int | None = None) -> Path:
+    """Build a TensorRT engine for this GPU with `runtime.trt_build` (the builder
+    `naturelm-edge export engine` uses too) and store it, with its sidecar, in the bundle's
+    `engines/` folder; returns the engine's path.
 
-    The optimisation profile covers batches 1..`max_batch` of one window each.
+    The optimisation profile is the export spec's, capped at `max_batch`; the timing cache
+    is kept in `engines/`.
 
     Raises:
         ImportError: tensorrt is not installed.
         EngineBuildError: the parser or the builder failed (the message lists why).
     """
-    import tensorrt as trt
-
-    if precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
-    device = device if device is not None else current_device()
-    spec = engine_model(bundle, precision)
-    onnx_path = bundle.model_path(spec)
-    samples = round(bundle.manifest.window_s * bundle.manifest.sample_rate)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: TensorRT cannot parse the model: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    opt = max(1, max_batch // 2)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = [samples if d < 0 and j > 0 else d for j, d in enumerate(tensor.shape)]
-        profile.set_shape(tensor.name, _batch(dims, 1), _batch(dims, opt), _batch(dims, max_batch))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"{onnx_path}: TensorRT {device.tensorrt_version} could not build "
-                               f"a {precision} engine on {device.gpu_name} (see the log above)")
-    sidecar = EngineSidecar(device.tensorrt_version, device.gpu_name, device.compute_capability,
-                            precision, {"min": 1, "opt": opt, "max": max_batch},
-                            bundle.manifest.files.get(spec.file, ""), spec.file)
-    engine = bundle.engine_dir / engine_file_name(sidecar)
-    # Sidecar first: `find_engine` only considers engines, and an engine needs its sidecar.
-    write_sidecar(engine, sidecar)
-    atomic_write_bytes(engine, bytes(serialized))
+    options = EngineOptions(precision, workspace_mb=workspace_mb, max_batch=max_batch,
+                            dla_core=dla_core)
+    engine = trt_build.build_engine(bundle, options, device=device)
     log.info("built %s in %s", engine.name, bundle.engine_dir)
     return engine
-
-
-def _batch(dims: list[int], batch: int) -> tuple[int, ...]:
-    return (batch, *dims[1:])
 
 
 # ----------------------------------------------------------------------------- first start
@@ -306,7 +259,8 @@ def _build_once(bundle: Bundle, config: UnitConfig, here: DeviceInfo, builder: B
     log.info("building the %s TensorRT engine for %s with TensorRT %s (once; it is cached)",
              config.precision, here.gpu_name, here.tensorrt_version)
     try:
-        builder(bundle, precision=config.precision, max_batch=config.max_batch, device=here)
+        builder(bundle, precision=config.precision, max_batch=config.max_batch, device=here,
+                workspace_mb=config.workspace_mb, dla_core=config.dla_core)
     except Exception as exc:  # noqa: BLE001 - any build failure falls back; logged and recorded
         error = f"{type(exc).__name__}: {exc}"
         log.warning("TensorRT engine build failed (%s); falling back to ONNX Runtime backend %s",

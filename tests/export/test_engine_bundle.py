@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,26 @@ def test_profile_comes_from_the_spec_with_overrides() -> None:
         "audio"] == ((2, 16000), (32, 16000), (1024, 16000))
     with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
         profile_shapes(SPEC, EngineOptions(min_batch=16, opt_batch=8))
+
+
+def test_export_engine_builds_with_the_shared_builder_and_the_onnx_spec(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from export.engine import build_engine
+    from runtime.trt_runner import read_sidecar
+    from tests.runtime.test_trt_build import ORIN, fake_tensorrt
+
+    folder, _ = write_bundle(export_dir, tmp_path / "b")
+    samples = read_report(export_dir)["spec"]["samples"]
+    log: list[tuple] = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    monkeypatch.setattr("runtime.trt_build.current_device", lambda: ORIN)
+    path = build_engine(folder, EngineOptions("int8", max_batch=16))
+    assert ("parse", "model.int8.onnx", (folder / "model.int8.onnx").stat().st_size) in log
+    assert ("profile", "audio", (1, samples), (8, samples), (16, samples)) in log
+    assert [e[1] for e in log if e[0] == "flag"] == ["BuilderFlag.FP16", "BuilderFlag.INT8"]
+    assert read_sidecar(path).onnx_file == "model.int8.onnx"
+    assert "(int8, batch 1/8/16, TensorRT 10.3.0 on Orin)" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ class FakeBuilder:
         self.calls = 0
         self.fail = fail
 
-    def __call__(self, bundle, precision: str, max_batch: int, device: DeviceInfo) -> Path:
+    def __call__(self, bundle, precision: str, max_batch: int, device: DeviceInfo,
+                 **options: object) -> Path:
         self.calls += 1
         if self.fail:
             raise EngineBuildError("model.onnx: TensorRT cannot parse the model: unsupported op")
@@ -205,3 +206,25 @@ def _no_device() -> DeviceInfo:
 
 def _never(*args: object, **kwargs: object) -> Path:
     raise AssertionError("the builder must not be called here")
+
+
+def test_unit_builds_with_the_shared_builder_and_its_dla_and_workspace(
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tests.runtime.test_trt_build import fake_tensorrt
+
+    config = engine_config(bundle, tmp_path, precision="fp16", max_batch=4, dla_core=0,
+                           workspace_mb=512)
+    path = tmp_path / "unit.conf"
+    path.write_text(config_text(config))
+    assert read_config(path) == config
+    with pytest.raises(ValueError, match="DLA has no FP32"):
+        engine_config(bundle, tmp_path, precision="fp32", dla_core=0)
+    log: list[tuple] = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    assert prepare_backend(config, device=lambda: ORIN) == "engine"
+    assert ("workspace", "MemoryPoolType.WORKSPACE", 512 << 20) in log
+    assert ("set", "DLA_core", 0) in log and ("flag", "BuilderFlag.GPU_FALLBACK") in log
+    assert ("profile", "audio", (1, RATE), (4, RATE), (4, RATE)) in log
+    assert find_engine(load_bundle(bundle), "fp16", ORIN).name.endswith(".sm87.fp16.engine")
