@@ -8,7 +8,7 @@ says little about which species calls; sweep direction, note order, pulse and tr
 song rhythm (what a model that sees time learns) tell them apart. Individuals vary (band,
 bandwidth, tempo, harmonic strength); juveniles call higher, shorter and with vibrato; songs are
 bouts of elements at the species' rhythm, calls are isolated short elements, alarms are rapid
-runs of short, noisy elements. Backgrounds mix coloured noise, wind, rain-like impulses and a
+runs of shorter, noisy elements. Backgrounds mix coloured noise, wind, rain-like impulses and a
 distant chorus of non-target species at a range of levels and SNRs.
 
 `generate(config, out)` writes (all deterministic by seed, same seed same bytes)::
@@ -139,7 +139,9 @@ def _fields(spec: SpeciesSpec) -> tuple:
 def _pair(family: str, band: int, rng: np.random.Generator) -> list[SpeciesSpec]:
     """Two species of one family in one band; they differ only in shape and rhythm."""
     harmonics = int(rng.integers(1, 3))
-    element_s = float(rng.uniform(0.16, 0.3))
+    # Rate-based shapes get elements long enough for about three cycles of the slow member.
+    element_s = float(rng.uniform(0.3, 0.45) if family in ("pulses", "trill", "buzz")
+                      else rng.uniform(0.16, 0.3))
     rates = {"pulses": (rng.uniform(11, 16),) * 2, "trill": (rng.uniform(28, 36),
              rng.uniform(9, 13)), "buzz": (rng.uniform(55, 75), rng.uniform(16, 24))}
     pair_rates = rates.get(family, (0.0, 0.0))
@@ -178,7 +180,7 @@ class SynthConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     species_per_clip_weights: tuple[float, ...] = (0.08, 0.42, 0.3, 0.2)
     focal_snr_db: tuple[float, float] = (3.0, 22.0)
-    distractor_drop_db: tuple[float, float] = (4.0, 14.0)
+    distractor_drop_db: tuple[float, float] = (6.0, 16.0)
     background_dbfs: tuple[float, float] = (-60.0, -45.0)
     soundscape_min: float = 10.0
     soundscape_calls_per_min: float = 24.0
@@ -441,7 +443,7 @@ def _bout_elements(animal: Animal, calltype: str, element: float,
         gaps = np.zeros(count)
     else:
         count = int(rng.integers(6, 11))
-        lengths = element * 0.35 * rng.uniform(0.9, 1.1, size=count)
+        lengths = element * 0.5 * rng.uniform(0.9, 1.1, size=count)
         gaps = rng.uniform(0.03, 0.05, size=count)
     return lengths, gaps
 
@@ -456,7 +458,7 @@ def render_animal(animal: Animal, lifestage: str, calltype: str, bouts: Sequence
     juvenile = lifestage == "juvenile"
     vibrato = (animal.vibrato_hz, 0.035) if juvenile else (0.0, 0.0)
     harmonics = animal.spec.harmonics + (1 if calltype == "alarm" else 0)
-    noisy = 0.45 if calltype == "alarm" else 0.0
+    noisy = 0.3 if calltype == "alarm" else 0.0
     for bout in bouts:
         for onset, length in zip(bout.onsets, bout.lengths, strict=True):
             jitter = float(rng.uniform(0.98, 1.02))
