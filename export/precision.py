@@ -7,8 +7,17 @@
   TensorRT's explicit quantization reads: symmetric int8 activations and per-channel symmetric
   int8 weights, calibrated on real corpus audio through `ClipReader` (a ``CalibrationDataReader``
   over manifest clips); the front end is excluded (``nodes_to_exclude``), since quantizing the
-  mel front end wrecks agreement.
+  mel front end wrecks agreement. This is the model TensorRT (and CUDA) builds from.
+- CPU INT8 (`to_int8_cpu`): the form ONNX Runtime's CPU kernels favour: the QOperator format
+  (``QLinearConv`` / ``QGemm``), unsigned asymmetric activations (so a ReLU folds into the
+  range) with per-channel signed weights (U8S8), and only the ops INT8 speeds up there: the
+  pointwise (1x1) convolutions of at least ``min_channels`` in and out, and Gemm / MatMul.
+  Depthwise convolutions, the stem, squeeze-excitation and hard-swish stay in float, as
+  does the front end. Listed for the ``cpu`` backend only; `maybe_int8_cpu` keeps it only
+  where it beats FP32 on this CPU (on an AVX-512 Xeon it does not for the ``s`` CNN: see
+  ``benchmarks/int8_cpu.py``).
 
+`conv_kinds` names the role of every Conv (stem, depthwise, pointwise, squeeze, dense).
 `agreement` is top-1 agreement per task between two sets of outputs; `check_variant` runs a
 variant and FP32 on held-out clips and raises `PrecisionError` below the bar (FP16 99.5 %,
 INT8 99 %).
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,13 +88,14 @@ def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def _save(model: onnx.ModelProto, out: str | os.PathLike[str], precision: str) -> Path:
+def _save(model: onnx.ModelProto, out: str | os.PathLike[str], precision: str,
+          **fields: Any) -> Path:
     import onnx
 
     from export.onnx_export import read_manifest, set_manifest
 
     manifest = read_manifest(model)
-    set_manifest(model, {**manifest, "precision": precision})
+    set_manifest(model, {**manifest, "precision": precision, **fields})
     path = Path(out)
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp))
@@ -152,6 +163,132 @@ def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         return _save(_load(quant), path, "int8")
+
+
+CONV_KINDS = ("stem", "depthwise", "pointwise", "squeeze", "dense")
+
+
+def conv_kinds(model: onnx.ModelProto) -> dict[str, str]:
+    """The role of every 2-D ``Conv`` node by name: ``stem`` (one input channel, k > 1),
+    ``depthwise`` (grouped), ``squeeze`` (1x1 on a 1x1 map: squeeze-excitation), ``pointwise``
+    (other 1x1) or ``dense`` (other k x k). Needs static spatial shapes (a fixed window)."""
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    kinds = {}
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "Conv" else None
+        if weight is None or len(weight) != 4:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        spatial = shapes.get(node.input[0], [])[2:]
+        if group > 1:
+            kinds[node.name] = "depthwise"
+        elif weight[2:] != [1, 1]:
+            kinds[node.name] = "stem" if weight[1] == 1 else "dense"
+        else:
+            kinds[node.name] = "squeeze" if spatial == [1, 1] else "pointwise"
+    return kinds
+
+
+def to_int8_cpu(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
+                calibration: np.ndarray, kinds: Sequence[str] = ("pointwise",),
+                min_channels: int = 32, batch: int = 8,
+                ops: Sequence[str] = ("Conv", "Gemm", "MatMul")) -> Path:
+    """Write the CPU INT8 variant: QOperator U8S8 with per-channel weights, quantizing only the
+    Conv nodes of ``kinds`` (see `conv_kinds`) whose weight has at least ``min_channels`` input
+    and output channels, and Gemm / MatMul; the front end stays in float."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    unknown = sorted(set(kinds) - set(CONV_KINDS))
+    if unknown:
+        raise ValueError(f"unknown conv kinds {unknown}; known: {list(CONV_KINDS)}")
+    model = _load(model_path)
+    with tempfile.TemporaryDirectory(prefix="naturelm-int8cpu-") as tmp:
+        named, prepped, quant = (Path(tmp) / f for f in ("named.onnx", "prep.onnx", "q.onnx"))
+        _save(model, named, "fp32")
+        quant_pre_process(str(named), str(prepped), skip_optimization=True,
+                          skip_symbolic_shape=True)
+        prep = onnx.load(str(prepped))
+        weights = {i.name: list(i.dims) for i in prep.graph.initializer}
+        nodes = {n.name: n for n in prep.graph.node}
+        chosen = {name for name, kind in conv_kinds(prep).items() if kind in kinds
+                  and min(weights[nodes[name].input[1]][:2]) >= min_channels}
+        excluded = set(frontend_nodes(prep)) | {
+            n.name for n in prep.graph.node if n.op_type == "Conv" and n.name not in chosen}
+        quantize_static(str(prepped), str(quant), ClipReader(calibration, batch),
+                        quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        op_types_to_quantize=list(ops),
+                        nodes_to_exclude=sorted(excluded),
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        form = {"format": "qoperator", "activations": "uint8", "weights": "int8 per-channel",
+                "conv_kinds": list(kinds), "min_channels": min_channels,
+                "quantized_convs": len(chosen)}
+        return _save(_load(quant), out, "int8", quantization=form)
+
+
+@dataclass(frozen=True)
+class CpuInt8Decision:
+    """Whether the CPU INT8 variant was kept, and the whole-model CPU latencies behind it."""
+
+    fp32_ms: float
+    int8_cpu_ms: float
+    kept: bool
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.int8_cpu_ms
+
+    def line(self) -> str:
+        return (f"CPU INT8 variant: {self.int8_cpu_ms:.3f} ms vs FP32 {self.fp32_ms:.3f} ms per "
+                f"window ({self.speedup:.2f}x, {self.threads} thread(s)): "
+                + ("kept for the cpu backend" if self.kept else "not kept (FP32 is faster)"))
+
+
+def maybe_int8_cpu(fp32_path: str | os.PathLike[str], out: str | os.PathLike[str],
+                   calibration: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
+                   mode: str = "auto", threads: int = 1, repeats: int = 30, quiet: bool = False,
+                   ) -> tuple[Path | None, CpuInt8Decision | None]:
+    """Write the CPU INT8 variant to ``out`` when ``mode`` is ``always``, or ``auto`` and it
+    beats FP32 here (median of ``repeats`` single-window runs on ``threads`` CPU threads);
+    ``never`` writes nothing. Its agreement with FP32 on ``heldout`` must reach the INT8 bar
+    (`PrecisionError` otherwise). Returns the path (None when not kept) and the timing (None
+    unless measured); a variant not kept is deleted."""
+    from export.compare import cpu_latency_ms
+
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"unknown CPU INT8 mode {mode!r}; choose auto, always or never")
+    if mode == "never":
+        return None, None
+    path = to_int8_cpu(fp32_path, out, calibration)
+    check_variant(fp32_path, path, "int8", heldout, spec, quiet=quiet)
+    if mode == "always":
+        return path, None
+    window = heldout[:1]
+    fp32_ms = cpu_latency_ms(fp32_path, window, threads, repeats)
+    int8_ms = cpu_latency_ms(path, window, threads, repeats)
+    decision = CpuInt8Decision(fp32_ms, int8_ms, int8_ms < fp32_ms, threads)
+    if not quiet:
+        print(decision.line())
+    if not decision.kept:
+        path.unlink()
+        return None, decision
+    return path, decision
 
 
 def agreement(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],

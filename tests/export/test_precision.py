@@ -113,3 +113,78 @@ def test_calibration_reader_and_manifest_clips(manifest: Path, spec: ExportSpec,
 
     with pytest.raises(ManifestError, match="no clips with audio files in splits"):
         manifest_clips(manifest, spec, ("valid",))
+
+
+def test_conv_kinds_name_every_convolution_of_the_student(export_dir: Path) -> None:
+    from export.precision import conv_kinds
+
+    model = onnx.load(str(export_dir / "model.onnx"))
+    kinds = conv_kinds(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    front = set(frontend_nodes(model))
+    # Every 2-D conv is named; the front end's Conv1d DFT is not a 2-D conv.
+    assert set(kinds) == {n.name for n in convs if n.name not in front}
+    counts = {k: list(kinds.values()).count(k) for k in set(kinds.values())}
+    # Four blocks: the stem, a depthwise per block, the last block's squeeze-excitation.
+    assert counts["stem"] == 1 and counts["depthwise"] == 4 and counts["squeeze"] == 2
+    assert counts["pointwise"] >= 4 and "dense" not in counts
+
+
+def test_cpu_int8_quantizes_only_pointwise_convs_and_agrees(tmp_path: Path, export_dir: Path,
+                                                            manifest: Path,
+                                                            spec: ExportSpec) -> None:
+    from export.precision import conv_kinds, to_int8_cpu
+
+    fp32 = onnx.load(str(export_dir / "model.onnx"))
+    kinds = conv_kinds(fp32)
+    calib = manifest_clips(manifest, spec, ("train",))
+    path = to_int8_cpu(export_dir / "model.onnx", tmp_path / "cpu.onnx", calib, min_channels=0)
+    q = onnx.load(str(path))
+    manifest_ = read_manifest(q)
+    assert manifest_["precision"] == "int8"
+    assert manifest_["quantization"]["format"] == "qoperator"
+    ops = [n.op_type for n in q.graph.node]
+    assert "QLinearConv" in ops and "QuantizeLinear" in ops
+    quantized = [n for n in q.graph.node if n.op_type == "QLinearConv"]
+    pointwise = [k for k in kinds.values() if k == "pointwise"]
+    assert len(quantized) == len(pointwise) == manifest_["quantization"]["quantized_convs"]
+    inits = {i.name: i for i in q.graph.initializer}
+    for node in quantized:  # u8 activations, per-channel s8 weights
+        assert inits[node.input[2]].data_type == TensorProto.UINT8
+        assert inits[node.input[3]].data_type == TensorProto.INT8
+        assert inits[node.input[4]].dims[0] == inits[node.input[3]].dims[0] > 1
+    float_kinds = {kinds[n.name] for n in q.graph.node if n.op_type == "Conv" and n.name in kinds}
+    assert float_kinds == {"stem", "depthwise", "squeeze"}
+    front = set(frontend_nodes(fp32))
+    assert front <= {n.name for n in q.graph.node}  # the front end is untouched
+    clips = manifest_clips(manifest, spec, ("test",))
+    scores = check_variant(export_dir / "model.onnx", path, "int8", clips, spec, quiet=True)
+    assert min(scores.values()) >= 0.99
+    none = to_int8_cpu(export_dir / "model.onnx", tmp_path / "none.onnx", calib,
+                       min_channels=4096)
+    assert read_manifest(none)["quantization"]["quantized_convs"] == 0
+    assert "QLinearConv" not in {n.op_type for n in onnx.load(str(none)).graph.node}
+    with pytest.raises(ValueError, match="unknown conv kinds \\['grouped'\\]"):
+        to_int8_cpu(export_dir / "model.onnx", tmp_path / "x.onnx", calib, kinds=["grouped"])
+
+
+def test_cpu_int8_is_kept_only_where_it_is_faster(tmp_path: Path, export_dir: Path,
+                                                  manifest: Path, spec: ExportSpec) -> None:
+    from export.precision import maybe_int8_cpu
+
+    calib = manifest_clips(manifest, spec, ("train",))[:8]
+    heldout = manifest_clips(manifest, spec, ("test",))
+    fp32 = export_dir / "model.onnx"
+    assert maybe_int8_cpu(fp32, tmp_path / "a.onnx", calib, heldout, spec, "never") == (
+        None, None)
+    assert not (tmp_path / "a.onnx").exists()
+    path, timing = maybe_int8_cpu(fp32, tmp_path / "b.onnx", calib, heldout, spec, "always",
+                                  quiet=True)
+    assert path == tmp_path / "b.onnx" and path.is_file() and timing is None
+    path, timing = maybe_int8_cpu(fp32, tmp_path / "c.onnx", calib, heldout, spec, "auto",
+                                  repeats=5, quiet=True)
+    assert timing is not None and timing.kept == (timing.int8_cpu_ms < timing.fp32_ms)
+    assert (tmp_path / "c.onnx").exists() == timing.kept == (path is not None)
+    assert f"{timing.speedup:.2f}x" in timing.line()
+    with pytest.raises(ValueError, match="unknown CPU INT8 mode 'fast'"):
+        maybe_int8_cpu(fp32, tmp_path / "d.onnx", calib, heldout, spec, "fast")
