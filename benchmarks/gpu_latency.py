@@ -131,6 +131,11 @@ def _row(model: str, device: str, precision: str, graph: bool, batch: int, windo
             "windows_per_s": per_s, "x_real_time": per_s * window_s, "gpu_mb": _gpu_mb(device)}
 
 
+def _progress(row: dict[str, Any]) -> None:
+    print(f"{row['model']} {row['precision']} graph={row['cuda_graph']} batch {row['batch']}: "
+          f"{row['mean_ms']:.3f} ms", file=sys.stderr, flush=True)
+
+
 def student_rows(size: str, device: str, precisions: Sequence[str], batch_sizes: Sequence[int],
                  graphs: Sequence[bool], timed: Timed,
                  checkpoint: Path | None = None) -> list[dict[str, Any]]:
@@ -157,6 +162,7 @@ def student_rows(size: str, device: str, precisions: Sequence[str], batch_sizes:
                 timing = time_call(call, timed.warmup, timed.repeats, sync=sync)
                 rows.append(_row(f"student-{size}", device, precision, graph, batch, window_s,
                                  timing))
+                _progress(rows[-1])
                 del call
         del audio
         if cuda:
@@ -213,6 +219,7 @@ def teacher_rows(device: str, batch_sizes: Sequence[int], timed: Timed,
                            sync=sync)
         rows.append(_row(f"teacher-{cfg.preset}", device, "fp32", False, batch, cfg.clip_s,
                          timing))
+        _progress(rows[-1])
     return rows
 
 
@@ -221,12 +228,18 @@ def run(sizes: Sequence[str] = ("s", "m"), checkpoints: Sequence[Path] = (),
         precisions: Sequence[str] = PRECISIONS, batch_sizes: Sequence[int] = BATCH_SIZES,
         graphs: Sequence[bool] = (False, True), teacher_batch_sizes: Sequence[int] = (1, 8, 32),
         warmup: int = 5, repeats: int = 30, results_dir: Path | None = None,
-        quiet: bool = False) -> dict[str, Any]:
-    """Measure, print the table and the JSON line; returns the JSON-able result."""
+        quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Measure, print the table and the JSON line; returns the JSON-able result. On the CPU
+    torch runs ``threads`` intra-op threads (default 1: spinning OpenMP threads on a shared
+    machine slow a small model down by orders of magnitude)."""
+    import torch
+
     from benchmarks.harness import context, json_line, markdown_table, write_results
 
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if threads is not None or device == "cpu":
+        torch.set_num_threads(threads or 1)
     timed = Timed(warmup, repeats)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -235,7 +248,7 @@ def run(sizes: Sequence[str] = ("s", "m"), checkpoints: Sequence[Path] = (),
         rows += student_rows(size, device, precisions, batch_sizes, graphs, timed, checkpoint)
     if teacher_batch_sizes:
         rows += teacher_rows(device, teacher_batch_sizes, timed, teacher)
-    ctx = context(None, probe_gpu=True, extra={"device": device, "warmup": warmup,
+    ctx = context(torch.get_num_threads(), probe_gpu=True, extra={"device": device, "warmup": warmup,
                                                "repeats": repeats,
                                                "seconds": round(time.perf_counter() - start, 1)})
     markdown = markdown_table(rows, COLUMNS)
@@ -260,6 +273,7 @@ def gpu_latency(
     teacher_batch_sizes: list[int] | None = None,
     warmup: int = 5,
     repeats: int = 30,
+    threads: int | None = None,
     save: bool = True,
     results_dir: Path = RESULTS_DIR,
 ) -> int:
@@ -277,6 +291,7 @@ def gpu_latency(
         teacher_batch_sizes: clips per teacher call (default: 1 8 32; none with an empty list).
         warmup: untimed calls per configuration.
         repeats: timed calls per configuration.
+        threads: torch intra-op threads (default: 1 on the CPU, torch's choice on a GPU).
         save: add the figures to RESULTS_DIR/<machine-id>.json and .md.
         results_dir: where --save writes.
     """
@@ -291,7 +306,7 @@ def gpu_latency(
         run(sizes if sizes is not None else ("s", "m"), checkpoints or (), teacher, device,
             precisions or PRECISIONS, batch_sizes or BATCH_SIZES, graphs,
             (1, 8, 32) if teacher_batch_sizes is None else teacher_batch_sizes, warmup, repeats,
-            results_dir if save else None)
+            results_dir if save else None, threads=threads)
     except (ValueError, KeyError) as exc:
         print(f"naturelm-edge gpu latency: {exc}", file=sys.stderr)
         return 2
