@@ -308,13 +308,14 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
                                                       for p in usable])),
                    key=lambda p: p["latency_ms"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in usable:
+    for i, p in enumerate(usable):
         marker = "s" if p["model"].startswith("teacher") else "o"
         ax.scatter(p["latency_ms"], 100 * p["score"], marker=marker, s=40)
         ax.annotate(p["model"], (p["latency_ms"], 100 * p["score"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(5, 4 - 10 * (i % 3)), textcoords="offset points")
     ax.plot([p["latency_ms"] for p in front], [100 * p["score"] for p in front], "--",
-            color="grey", label="Pareto front")
+            color="grey", marker="o", markersize=12, markerfacecolor="none",
+            label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("latency per window (ms, 1 thread, batch 1)")
     ax.set_ylabel("score (mean of accuracy / macro-F1, %)")

@@ -611,7 +611,9 @@ def demo(
         teacher_config: the teacher's LightningCLI YAML or shipped name (default: tiny).
         student_sizes: student sizes to distill (shipped configs student-SIZE; default: s).
         accelerator: Lightning accelerator of the training and labelling (auto, cpu, gpu).
-        devices: devices per Lightning stage.
+        devices: devices per Lightning stage (Lightning's DDP re-launches the command
+            line in each process, so for several GPUs run `teacher fit`, `distill label`
+            and `distill fit` themselves and pass their results in with --teacher).
         threads: torch and ONNX Runtime threads of the training and analysis (default:
             the teacher config's, torch's); latencies are always measured on one thread.
         resume: skip stages finished by an earlier run with the same inputs.
