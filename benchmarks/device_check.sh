@@ -14,7 +14,7 @@
 # own time limit; its log is OUT_DIR/<step>.log; figures go to OUT_DIR/<machine-id>.json|md
 # (copy them into benchmarks/results/ to record the card). Exit status 1 if any step failed.
 #
-# Environment: PYTHON (default python3), WHEELS (offline wheel folder), DEVICE (default cuda;
+# Environment: BUDGET_S (seconds for the whole script, default 465), PYTHON (default python3), WHEELS (offline wheel folder), DEVICE (default cuda;
 # cpu rehearses the script on a machine without a GPU), BATCHES (student batch sizes, default
 # 1 4 16 64 256 1024), TEACHER_BATCHES (default 1 8 32), SKIP_INSTALL=1 (use the checkout as
 # installed).
@@ -35,18 +35,28 @@ accelerator=$([ "$device" = cpu ] && echo cpu || echo gpu)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 began=$(date +%s)
+budget=${BUDGET_S:-465}  # the whole script stays under 8 minutes
+deadline=$(( began + budget ))
 failed=()
 skipped=()
 summary=()
 
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 
-# step NAME LIMIT_S COMMAND...: run with a time limit, log to OUT/NAME.log, record the outcome.
+# step NAME LIMIT_S COMMAND...: run with a time limit (cut to what is left of the script's
+# budget), log to OUT/NAME.log, record the outcome.
 step() {
     local name=$1 limit=$2
     shift 2
-    local t0 rc
+    local t0 rc left
     t0=$(date +%s)
+    left=$(( deadline - t0 ))
+    if [ "$left" -lt 15 ]; then
+        skip "$name" "out of the ${budget} s budget"
+        failed+=("$name")
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     echo "== $name (limit ${limit} s)"
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
@@ -104,12 +114,16 @@ if [ -d "$wheels" ]; then
     if [ -n "$want" ]; then
         pkgs=$(echo "$want" | sed 's/kaldi_native_fbank/kaldi-native-fbank/')
         # shellcheck disable=SC2086
-        step wheels 120 "$py" -m pip install --no-index --find-links "$wheels" $pkgs
+        step wheels 60 "$py" -m pip install --no-index --find-links "$wheels" $pkgs
     fi
 fi
-[ "${SKIP_INSTALL:-0}" = 1 ] && skip install "SKIP_INSTALL=1" || step install 120 bash -c "'$py' -m pip install --no-deps --no-build-isolation -e . \
-    || '$py' -m pip install --no-deps --no-build-isolation --break-system-packages -e . \
-    || { echo 'pip could not install; the checkout is used from PYTHONPATH'; exit 0; }"
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+    skip install "SKIP_INSTALL=1"
+else
+    step install 60 bash -c "'$py' -m pip install --no-deps --no-build-isolation -e . \
+        || '$py' -m pip install --no-deps --no-build-isolation --break-system-packages -e . \
+        || { echo 'pip could not install; the checkout is used from PYTHONPATH'; exit 0; }"
+fi
 
 # -- the cuda tests ---------------------------------------------------------------------------
 if [ -n "$(missing pytest)" ]; then
@@ -120,14 +134,14 @@ else
     if [ ${#files[@]} -eq 0 ]; then
         skip cuda-tests "no test file carries the cuda marker"
     else
-        step cuda-tests 180 "$py" -m pytest -q -m cuda -p no:cacheprovider \
+        step cuda-tests 90 "$py" -m pytest -q -m cuda -p no:cacheprovider \
             --junitxml="$out/cuda-tests.xml" "${files[@]}"
     fi
 fi
 
 # -- student and teacher latency in torch on CUDA ----------------------------------------------
 # shellcheck disable=SC2086
-step gpu-latency 150 "$py" -m benchmarks.gpu_latency --sizes s m --device "$device" \
+step gpu-latency 120 "$py" -m benchmarks.gpu_latency --sizes s m --device "$device" \
     --batch-sizes $batches --teacher-batch-sizes $teacher_batches --results-dir "$out"
 
 # -- the quick demo on the GPU, then the latency report of its bundle with the teacher ---------
@@ -136,14 +150,14 @@ if [ -n "$lack" ]; then
     skip demo-quick "missing: $lack"
     skip bench-latency "needs the demo's bundle"
 else
-    step demo-quick 240 "$py" -c "import sys
+    step demo-quick 150 "$py" -c "import sys
 from benchmarks.demo import demo
 sys.exit(demo(out='$out/demo', quick=True, accelerator='$accelerator'))"
     if [ -f "$out/demo/bundles/s/bundle.json" ]; then
         backends=$("$py" -c "import onnxruntime as o
 print('cpu cuda' if 'CUDAExecutionProvider' in o.get_available_providers() else 'cpu')")
         # shellcheck disable=SC2086
-        step bench-latency 120 "$py" -m naturelm_edge bench latency "$out/demo/bundles/s" \
+        step bench-latency 75 "$py" -m naturelm_edge bench latency "$out/demo/bundles/s" \
             --backends $backends --batch-sizes 1 8 32 --threads 1 --repeats 20 \
             --teacher "$out/demo/teacher/teacher.ckpt" --teacher-device "$device" \
             --teacher-batch-sizes 1 8 --results-dir "$out"
