@@ -3,9 +3,9 @@ end) of a student in FP32 and in several INT8 forms, timed apart, and a per-laye
 
 Builds a seeded student of the chosen size (weights do not change the timing), exports it with
 a fixed window, writes the INT8 forms `export.precision` makes (the QDQ model TensorRT reads;
-the CPU QOperator U8S8 form with only large pointwise convs quantized; every conv quantized),
-splits each at its first ``Log`` (`benchmarks.latency.split_at_frontend`) and times the body
-alone on ONNX Runtime's CPU provider (best and median of ``repeats`` runs per batch; the best
+the CPU QOperator U8S8 form with only wide pointwise convs, every pointwise conv, or every conv
+quantized), splits each at its first ``Log`` (`benchmarks.latency.split_at_frontend`) and
+times the body alone on ONNX Runtime's CPU provider (best and median of ``repeats`` runs per batch; the best
 is the figure to read on a shared machine). ONNX Runtime's profiler then sums the time of
 every convolution kind (`export.precision.conv_kinds`) in FP32 and with every conv in INT8; the
 ``bound`` is the body speed-up INT8 could give if only the kinds that got faster were swapped
@@ -147,7 +147,14 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
         calibration_clips: int = 16) -> dict[str, Any]:
     """Time the body of every form and profile FP32 against all-INT8; returns the result."""
     from benchmarks.latency import audio_batch, split_at_frontend
-    from export.precision import CONV_KINDS, _load, conv_kinds, to_int8, to_int8_cpu
+    from export.precision import (
+        CONV_KINDS,
+        CPU_INT8_MIN_CHANNELS,
+        _load,
+        conv_kinds,
+        to_int8,
+        to_int8_cpu,
+    )
 
     rows, kinds_rows = [], []
     with tempfile.TemporaryDirectory(prefix="naturelm-int8cpu-") as folder:
@@ -158,7 +165,8 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
         to_int8(fp32, tmp / "qdq.onnx", calib)
         forms["int8 qdq (tensorrt)"] = (tmp / "qdq.onnx", "QDQ s8s8", "all")
         to_int8_cpu(fp32, tmp / "cpu.onnx", calib)
-        forms["int8 cpu (default)"] = (tmp / "cpu.onnx", "QOperator u8s8", "pointwise >= 32 ch")
+        forms["int8 cpu (default)"] = (tmp / "cpu.onnx", "QOperator u8s8",
+                                       f"pointwise >= {CPU_INT8_MIN_CHANNELS} ch")
         to_int8_cpu(fp32, tmp / "cpu_pw.onnx", calib, min_channels=0)
         forms["int8 cpu pointwise"] = (tmp / "cpu_pw.onnx", "QOperator u8s8", "pointwise")
         to_int8_cpu(fp32, tmp / "cpu_all.onnx", calib, kinds=CONV_KINDS, min_channels=0)

@@ -9,8 +9,8 @@
   over manifest clips); the front end is excluded (``nodes_to_exclude``), since quantizing the
   mel front end wrecks agreement. This is the model TensorRT (and CUDA) builds from.
 - CPU INT8 (`to_int8_cpu`): the form ONNX Runtime's CPU kernels favour: the QOperator format
-  (``QLinearConv`` / ``QGemm``), unsigned asymmetric activations (so a ReLU folds into the
-  range) with per-channel signed weights (U8S8), and only the ops INT8 speeds up there: the
+  (``QLinearConv`` / ``QGemm``), unsigned asymmetric activations with per-channel signed
+  weights (U8S8, the kernels ORT's MLAS favours on x86), and only the ops INT8 speeds up: the
   pointwise (1x1) convolutions of at least ``min_channels`` in and out, and Gemm / MatMul.
   Depthwise convolutions, the stem, squeeze-excitation and hard-swish stay in float, as
   does the front end. Listed for the ``cpu`` backend only; `maybe_int8_cpu` keeps it only
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
     from export.spec import ExportSpec
 
 BARS = {"fp16": 0.995, "int8": 0.99}
+# Pointwise convs narrower than this stay in float in the CPU INT8 variant: each quantized one
+# pays a quantize, a dequantize and two layout changes around it, which only a wide enough
+# GEMM earns back. Measured on an AVX-512 VNNI Xeon, ORT 1.32, one thread, 10 s window, body
+# only: the `m` CNN 1.04-1.14x faster than FP32 at 64, 0.92-1.06x at 32, 0.76x at 0 (every
+# pointwise conv); the `s` CNN has no pointwise conv this wide (benchmarks/int8_cpu.py).
+CPU_INT8_MIN_CHANNELS = 64
 FP32_OPS = ("Log", "Softmax")
 
 
@@ -196,7 +202,7 @@ def conv_kinds(model: onnx.ModelProto) -> dict[str, str]:
 
 def to_int8_cpu(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
                 calibration: np.ndarray, kinds: Sequence[str] = ("pointwise",),
-                min_channels: int = 32, batch: int = 8,
+                min_channels: int = CPU_INT8_MIN_CHANNELS, batch: int = 8,
                 ops: Sequence[str] = ("Conv", "Gemm", "MatMul")) -> Path:
     """Write the CPU INT8 variant: QOperator U8S8 with per-channel weights, quantizing only the
     Conv nodes of ``kinds`` (see `conv_kinds`) whose weight has at least ``min_channels`` input
@@ -243,46 +249,76 @@ def to_int8_cpu(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
 
 @dataclass(frozen=True)
 class CpuInt8Decision:
-    """Whether the CPU INT8 variant was kept, and the whole-model CPU latencies behind it."""
+    """The CPU INT8 variant's agreement with FP32, whether it was kept, and (in ``auto`` mode)
+    the whole-model CPU latencies per window behind that."""
 
-    fp32_ms: float
-    int8_cpu_ms: float
-    kept: bool
-    threads: int
+    agreement: Mapping[str, float]
+    kept: bool = True
+    fp32_ms: float | None = None
+    int8_cpu_ms: float | None = None
+    threads: int = 1
 
     @property
-    def speedup(self) -> float:
+    def speedup(self) -> float | None:
+        if self.fp32_ms is None or self.int8_cpu_ms is None:
+            return None
         return self.fp32_ms / self.int8_cpu_ms
 
     def line(self) -> str:
+        if self.speedup is None:
+            return "CPU INT8 variant: kept without timing (mode always)"
         return (f"CPU INT8 variant: {self.int8_cpu_ms:.3f} ms vs FP32 {self.fp32_ms:.3f} ms per "
                 f"window ({self.speedup:.2f}x, {self.threads} thread(s)): "
                 + ("kept for the cpu backend" if self.kept else "not kept (FP32 is faster)"))
 
 
+def paired_cpu_latency_ms(paths: Sequence[str | os.PathLike[str]], audio: np.ndarray,
+                          threads: int = 1, repeats: int = 30) -> list[float]:
+    """Median milliseconds of one ``infer`` of ``audio`` for each model on ONNX Runtime's CPU
+    provider, the models taking turns run by run (so load on a shared machine hits all)."""
+    import time
+
+    from runtime.runners import OrtRunner
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    runners = [OrtRunner(p, backend="cpu", threads=threads).__enter__() for p in paths]
+    times: list[list[float]] = [[] for _ in runners]
+    try:
+        for runner in runners:
+            runner.infer({"audio": audio})
+        for _ in range(repeats):
+            for runner, spent in zip(runners, times, strict=True):
+                start = time.perf_counter()
+                runner.infer({"audio": audio})
+                spent.append((time.perf_counter() - start) * 1e3)
+    finally:
+        for runner in runners:
+            runner.__exit__(None, None, None)
+    return [float(np.median(t)) for t in times]
+
+
 def maybe_int8_cpu(fp32_path: str | os.PathLike[str], out: str | os.PathLike[str],
                    calibration: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
-                   mode: str = "auto", threads: int = 1, repeats: int = 30, quiet: bool = False,
+                   mode: str = "auto", threads: int = 1, repeats: int = 30,
+                   min_channels: int = CPU_INT8_MIN_CHANNELS, quiet: bool = False,
                    ) -> tuple[Path | None, CpuInt8Decision | None]:
     """Write the CPU INT8 variant to ``out`` when ``mode`` is ``always``, or ``auto`` and it
-    beats FP32 here (median of ``repeats`` single-window runs on ``threads`` CPU threads);
-    ``never`` writes nothing. Its agreement with FP32 on ``heldout`` must reach the INT8 bar
-    (`PrecisionError` otherwise). Returns the path (None when not kept) and the timing (None
-    unless measured); a variant not kept is deleted."""
-    from export.compare import cpu_latency_ms
-
+    beats FP32 here (median of ``repeats`` single-window runs each, taking turns, on
+    ``threads`` CPU threads); ``never`` writes nothing. Its agreement with FP32 on ``heldout``
+    must reach the INT8 bar (`PrecisionError` otherwise); ``min_channels`` is
+    `to_int8_cpu`'s. Returns the path (None when not
+    kept: the file is deleted) and the decision (None for ``never``)."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"unknown CPU INT8 mode {mode!r}; choose auto, always or never")
     if mode == "never":
         return None, None
-    path = to_int8_cpu(fp32_path, out, calibration)
-    check_variant(fp32_path, path, "int8", heldout, spec, quiet=quiet)
+    path = to_int8_cpu(fp32_path, out, calibration, min_channels=min_channels)
+    scores = check_variant(fp32_path, path, "int8", heldout, spec, quiet=quiet)
     if mode == "always":
-        return path, None
-    window = heldout[:1]
-    fp32_ms = cpu_latency_ms(fp32_path, window, threads, repeats)
-    int8_ms = cpu_latency_ms(path, window, threads, repeats)
-    decision = CpuInt8Decision(fp32_ms, int8_ms, int8_ms < fp32_ms, threads)
+        return path, CpuInt8Decision(scores)
+    fp32_ms, int8_ms = paired_cpu_latency_ms([fp32_path, path], heldout[:1], threads, repeats)
+    decision = CpuInt8Decision(scores, int8_ms < fp32_ms, fp32_ms, int8_ms, threads)
     if not quiet:
         print(decision.line())
     if not decision.kept:

@@ -170,7 +170,7 @@ def test_cpu_int8_quantizes_only_pointwise_convs_and_agrees(tmp_path: Path, expo
 
 def test_cpu_int8_is_kept_only_where_it_is_faster(tmp_path: Path, export_dir: Path,
                                                   manifest: Path, spec: ExportSpec) -> None:
-    from export.precision import maybe_int8_cpu
+    from export.precision import maybe_int8_cpu, paired_cpu_latency_ms
 
     calib = manifest_clips(manifest, spec, ("train",))[:8]
     heldout = manifest_clips(manifest, spec, ("test",))
@@ -178,13 +178,20 @@ def test_cpu_int8_is_kept_only_where_it_is_faster(tmp_path: Path, export_dir: Pa
     assert maybe_int8_cpu(fp32, tmp_path / "a.onnx", calib, heldout, spec, "never") == (
         None, None)
     assert not (tmp_path / "a.onnx").exists()
-    path, timing = maybe_int8_cpu(fp32, tmp_path / "b.onnx", calib, heldout, spec, "always",
-                                  quiet=True)
-    assert path == tmp_path / "b.onnx" and path.is_file() and timing is None
-    path, timing = maybe_int8_cpu(fp32, tmp_path / "c.onnx", calib, heldout, spec, "auto",
-                                  repeats=5, quiet=True)
-    assert timing is not None and timing.kept == (timing.int8_cpu_ms < timing.fp32_ms)
-    assert (tmp_path / "c.onnx").exists() == timing.kept == (path is not None)
-    assert f"{timing.speedup:.2f}x" in timing.line()
+    path, decision = maybe_int8_cpu(fp32, tmp_path / "b.onnx", calib, heldout, spec, "always",
+                                    min_channels=0, quiet=True)
+    assert path == tmp_path / "b.onnx" and path.is_file()
+    assert decision is not None and decision.kept and decision.speedup is None
+    assert min(decision.agreement.values()) >= 0.99
+    path, decision = maybe_int8_cpu(fp32, tmp_path / "c.onnx", calib, heldout, spec, "auto",
+                                    repeats=5, quiet=True)
+    assert decision is not None and decision.fp32_ms and decision.int8_cpu_ms
+    assert decision.kept == (decision.int8_cpu_ms < decision.fp32_ms)
+    assert (tmp_path / "c.onnx").exists() == decision.kept == (path is not None)
+    assert f"{decision.speedup:.2f}x" in decision.line()
+    fp32_ms, same_ms = paired_cpu_latency_ms([fp32, fp32], heldout[:2], repeats=3)
+    assert fp32_ms > 0 and same_ms > 0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        paired_cpu_latency_ms([fp32], heldout[:1], repeats=0)
     with pytest.raises(ValueError, match="unknown CPU INT8 mode 'fast'"):
         maybe_int8_cpu(fp32, tmp_path / "d.onnx", calib, heldout, spec, "fast")
