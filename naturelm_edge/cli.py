@@ -39,6 +39,8 @@ class Command:
 
 # The table. Keys are the words typed after `naturelm-edge`.
 COMMANDS: dict[str, Command] = {
+    "demo": Command("benchmarks.demo:demo", extra="all",
+                    summary="the whole pipeline on the embedded default (resumable)"),
     "corpus synth": Command("corpus.cli:synth", summary="write the synthetic chorus corpus"),
     "corpus baseline": Command("corpus.cli:baseline",
                                summary="a trivial baseline per task (mean log-mel + LR)"),
@@ -74,6 +76,10 @@ COMMANDS: dict[str, Command] = {
     "bench decode": Command("benchmarks.decode_speed:run", summary="decode + resample speed"),
     "bench latency": Command("benchmarks.cli:latency",
                              summary="latency per backend x precision x batch"),
+    "bench accuracy": Command("benchmarks.accuracy:accuracy", extra="all",
+                              summary="teacher and students per precision: metrics, ECE, Pareto"),
+    "bench gpu": Command("benchmarks.gpu_latency:gpu_latency", extra="train",
+                         summary="student and teacher latency in torch on CUDA"),
     "bench peer": Command("benchmarks.cli:peer", extra="peer",
                           summary="BirdNET V2.4 vs our student on one recording"),
 }
