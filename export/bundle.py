@@ -6,8 +6,14 @@ front-end variant and backends, the parity with torch, the front-end timing and 
 of FP16 / INT8 with FP32. `write_bundle` turns it into a bundle folder and a .tar.gz with
 `runtime.bundle`'s schema: the models, ``labels.json``, the report, ``bundle.json`` with tasks,
 labels, activations, thresholds, the sha256 of every file, tool versions, the teacher id and
-the measured top-1 agreement with the teacher (`teacher_agreement`, from a teacher-target store;
-keys ``"<precision>.<task>"``).
+the measured top-1 agreement with the teacher (`teacher_agreement`, from a teacher-target store)
+and each model's CPU latency. Both are keyed by the model file's stem (`model_key`), since two
+models may share a precision (the TensorRT QDQ INT8 model and the CPU INT8 variant):
+``"<stem>.<task>"`` (`agreement_key`) and ``"<stem>.cpu.b<batch>.t<threads>"``
+(`latency_key`).
+
+    >>> agreement_key("model.int8cpu.onnx", "species"), latency_key("model.onnx")
+    ('model.int8cpu.species', 'model.cpu.b1.t1')
 
     >>> import tempfile, pathlib
     >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -48,6 +54,22 @@ def model_entry(file: str, precision: str, variant: str,
             "backends": list(backends)}
 
 
+def model_key(file: str) -> str:
+    """The key a model's figures go under in a bundle: its file name without ``.onnx``."""
+    name = Path(file).name
+    return name[: -len(".onnx")] if name.endswith(".onnx") else name
+
+
+def agreement_key(file: str, task: str) -> str:
+    """``"<stem>.<task>"``: where a model's top-1 agreement with the teacher on a task goes."""
+    return f"{model_key(file)}.{task}"
+
+
+def latency_key(file: str, backend: str = "cpu", batch: int = 1, threads: int = 1) -> str:
+    """``"<stem>.<backend>.b<batch>.t<threads>"``: where a model's median latency goes."""
+    return f"{model_key(file)}.{backend}.b{batch}.t{threads}"
+
+
 def read_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """``export.json`` of an export folder ({} when there is none yet)."""
     path = Path(folder) / REPORT
@@ -60,11 +82,15 @@ def read_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def update_report(folder: str | os.PathLike[str], models: Sequence[Mapping[str, Any]] = (),
-                  **fields: Any) -> Path:
-    """Merge ``fields`` into ``export.json`` and add or replace ``models`` (by file name)."""
+                  drop: Sequence[str] = (), **fields: Any) -> Path:
+    """Merge ``fields`` into ``export.json``, remove the models whose file is in ``drop`` (a
+    rerun that no longer writes them) and add or replace ``models`` (by file name)."""
+    both = sorted(set(drop) & {m["file"] for m in models})
+    if both:
+        raise ValueError(f"models both added and dropped: {both}")
     report = read_report(folder)
     report.update(fields)
-    known = {m["file"]: m for m in report.get("models", [])}
+    known = {m["file"]: m for m in report.get("models", []) if m["file"] not in drop}
     known.update({m["file"]: dict(m) for m in models})
     report["models"] = sorted(known.values(),
                               key=lambda m: (_ORDER.get((m["variant"], m["precision"]), 9),

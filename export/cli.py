@@ -25,9 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from export.spec import ExportSpec
 
 MODEL = "model.onnx"
+# ONNX Runtime CPU's INT8 form (QOperator U8S8); the QDQ model.int8.onnx is TensorRT's.
+INT8_CPU = "model.int8cpu.onnx"
 
 
 def _variant_file(precision: str) -> str:
@@ -86,8 +90,14 @@ def _spec(export_dir: Path) -> ExportSpec:
 
 def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp16", "int8"),
              calibration_split: str = "train", heldout_splits: Sequence[str] = ("test", "valid"),
-             calibration_clips: int = 128, heldout_clips: int = 512) -> int:
+             calibration_clips: int = 128, heldout_clips: int = 512,
+             int8_cpu: Literal["auto", "always", "never"] = "auto", threads: int = 1) -> int:
     """Write FP16 and INT8 variants and check their top-1 agreement with FP32 on held-out clips.
+
+    INT8 comes in two forms: the QDQ model TensorRT and CUDA build from (model.int8.onnx), and
+    a CPU variant for ONNX Runtime's CPU kernels (model.int8cpu.onnx). When the CPU variant is
+    kept, it is the INT8 model listed for the cpu backend and the QDQ model is listed for cuda
+    and tensorrt only; otherwise the QDQ model serves every backend.
 
     Args:
         export_dir: the folder `export onnx` wrote.
@@ -97,6 +107,8 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         heldout_splits: splits whose clips measure agreement.
         calibration_clips: most clips used for calibration.
         heldout_clips: most clips used for the agreement check.
+        int8_cpu: the CPU INT8 variant: auto (kept when faster than FP32 here), always, never.
+        threads: ONNX Runtime CPU threads for the CPU INT8 timing.
     """
     from export.bundle import model_entry, update_report
     from export.precision import check_variant, manifest_clips, to_fp16, to_int8
@@ -104,27 +116,62 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     unknown = sorted(set(precisions) - {"fp16", "int8"})
     if unknown:
         raise ValueError(f"unknown precisions {unknown}; choose fp16 and/or int8")
+    if int8_cpu not in ("auto", "always", "never"):
+        raise ValueError(f"unknown CPU INT8 mode {int8_cpu!r}; choose auto, always or never")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     spec = _spec(export_dir)
     fp32 = export_dir / MODEL
     heldout = manifest_clips(manifest, spec, heldout_splits, heldout_clips)
     scores: dict[str, dict[str, float]] = {}
     models = []
+    drop: list[str] = []
     fields = {}
     for precision in precisions:
         out = export_dir / _variant_file(precision)
         if precision == "fp16":
             to_fp16(fp32, out)
-        else:
-            calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
-            to_int8(fp32, out, calib)
-            fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
-                                     "clips": len(calib)}
+            scores[precision] = check_variant(fp32, out, precision, heldout, spec)
+            models.append(model_entry(out.name, precision, "conv"))
+            continue
+        calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
+        to_int8(fp32, out, calib)
+        fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
+                                 "clips": len(calib)}
         scores[precision] = check_variant(fp32, out, precision, heldout, spec)
-        models.append(model_entry(out.name, precision, "conv"))
-    update_report(export_dir, models=models, agreement_fp32=scores,
+        cpu_entry, fields["int8_cpu"] = _int8_cpu(export_dir, calib, heldout, spec, int8_cpu,
+                                                  threads)
+        if cpu_entry is None:
+            models.append(model_entry(out.name, precision, "conv"))
+            drop.append(INT8_CPU)
+        else:
+            models += [model_entry(out.name, precision, "conv", ("cuda", "tensorrt")),
+                       cpu_entry]
+    update_report(export_dir, models=models, drop=drop, agreement_fp32=scores,
                   heldout={"manifest": str(manifest), "splits": list(heldout_splits),
                            "clips": len(heldout)}, **fields)
     return 0
+
+
+def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
+              mode: str, threads: int) -> tuple[dict | None, dict]:
+    """Write (or not) the CPU INT8 variant; returns its model entry (None when not kept: a
+    stale file from an earlier run is removed) and the decision recorded in export.json."""
+    from export.bundle import model_entry
+    from export.precision import maybe_int8_cpu
+
+    path, decision = maybe_int8_cpu(export_dir / MODEL, export_dir / INT8_CPU, calib, heldout,
+                                    spec, mode, threads)
+    record = {"mode": mode, "kept": path is not None, "threads": threads,
+              "fp32_ms": None if decision is None else decision.fp32_ms,
+              "int8_cpu_ms": None if decision is None else decision.int8_cpu_ms,
+              "agreement": None if decision is None else dict(decision.agreement)}
+    if path is None:
+        (export_dir / INT8_CPU).unlink(missing_ok=True)
+        return None, record
+    if decision is not None and decision.speedup is None:
+        print(decision.line())
+    return model_entry(path.name, "int8", "conv", ("cpu",)), record
 
 
 def compare(export_dir: Path, checkpoint: Path | None = None, manifest: Path | None = None,
@@ -143,7 +190,7 @@ def compare(export_dir: Path, checkpoint: Path | None = None, manifest: Path | N
     """
     import numpy as np
 
-    from export.bundle import read_report
+    from export.bundle import model_key, read_report
     from export.compare import compare_models, format_table, tensorrt_available
     from export.onnx_export import parity_inputs
     from export.precision import manifest_clips
@@ -160,13 +207,13 @@ def compare(export_dir: Path, checkpoint: Path | None = None, manifest: Path | N
         from distill.checkpoint import load_student
 
         student = load_student(checkpoint)[0]
-    models = {f"ort-{m['precision']}-{m['variant']}": export_dir / m["file"]
+    models = {f"ort-{model_key(m['file'])}": export_dir / m["file"]
               for m in read_report(export_dir)["models"]}
     engines = {}
     if bundle is not None and tensorrt_available():
         engines = {f"trt-{p.name.split('.')[-2]}": p
                    for p in sorted((bundle / "engines").glob("*.engine"))}
-    reference = "torch" if student is not None else "ort-fp32-conv"
+    reference = "torch" if student is not None else f"ort-{model_key(MODEL)}"
     rows = compare_models(student, models, audio, engines, reference, threads)
     print(f"reference: {reference}; {len(audio)} windows of {spec.window_s:g} s")
     print(format_table(rows))
@@ -199,16 +246,18 @@ def engine(bundle: Path, precision: Literal["fp32", "fp16", "int8"] = "fp16",
 
 
 def _latencies(export_dir: Path, report: dict) -> dict[str, float]:
-    """``{"<precision>-<variant>.cpu.b1.t1": median ms}`` for every model in the report."""
+    """``{"<stem>.cpu.b1.t1": median ms}`` (`export.bundle.latency_key`) for every model in the
+    report that suits the CPU."""
+    from export.bundle import latency_key
     from export.compare import cpu_latency_ms
     from export.spec import ExportSpec
 
     if "spec" not in report:
         return {}
     audio = ExportSpec.from_dict(report["spec"]).dummy_input(1)
-    return {f"{m['precision']}-{m['variant']}.cpu.b1.t1":
+    return {latency_key(m["file"]):
             cpu_latency_ms(export_dir / m["file"], audio, threads=1, repeats=10)
-            for m in report.get("models", [])}
+            for m in report.get("models", []) if "cpu" in m["backends"]}
 
 
 def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = "1",
@@ -226,9 +275,9 @@ def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = 
         teacher_id: the teacher's id (default: the target store's or checkpoint's hash).
         threshold: default score threshold of every task.
         hop_s: hop between windows in seconds (default: the window).
-        latency: record each model's median CPU latency (1 thread, one window) in the bundle.
+        latency: record each CPU model's median latency (1 thread, one window) in the bundle.
     """
-    from export.bundle import read_report, teacher_agreement, write_bundle
+    from export.bundle import agreement_key, read_report, teacher_agreement, write_bundle
     from export.spec import ExportSpec
 
     report = read_report(export_dir)
@@ -242,9 +291,9 @@ def bundle(export_dir: Path, out: Path, name: str | None = None, version: str = 
                 continue
             scores, store_hash, missing = teacher_agreement(
                 export_dir / model["file"], manifest, targets, spec, labels)
-            agreement.update({f"{model['precision']}.{t}": v for t, v in scores.items()})
+            agreement.update({agreement_key(model["file"], t): v for t, v in scores.items()})
             teacher = teacher_id or store_hash
-            print(f"{model['precision']}: top-1 agreement with the teacher "
+            print(f"{model['file']} ({model['precision']}): top-1 agreement with the teacher "
                   + ", ".join(f"{t} {v:.2%}" for t, v in scores.items())
                   + f" ({missing} clips without a target)")
     thresholds = {task: threshold for task in report.get("student", {}).get("tasks", {})}

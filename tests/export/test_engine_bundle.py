@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from export.bundle import read_report, write_bundle
-from export.cli import bundle, compare
+from export.cli import INT8_CPU, bundle, compare
 from export.engine import EngineOptions, builder_flags, engine_sidecar, onnx_for, profile_shapes
 from runtime.bundle import load_bundle, verify_bundle
 from runtime.errors import InputError
@@ -20,6 +20,15 @@ from runtime.trt_runner import DeviceInfo, engine_file_name, engine_problems
 from tests.export.conftest import SPECIES
 
 SPEC = {"samples": 16000, "min_batch": 1, "opt_batch": 8, "max_batch": 64, "input_name": "audio"}
+
+
+def cpu_int8_kept(export_dir: Path) -> bool:
+    """Whether the fixture's `export quantize` (mode auto: kept where faster on this CPU) kept
+    the CPU INT8 variant; which it is depends on the machine, so tests expect either."""
+    decision = read_report(export_dir)["int8_cpu"]
+    assert decision["mode"] == "auto" and decision["fp32_ms"] > 0
+    assert (export_dir / INT8_CPU).is_file() == decision["kept"]
+    return bool(decision["kept"])
 
 
 def test_builder_flags_follow_precision_and_dla() -> None:
@@ -108,15 +117,21 @@ def test_bundle_records_models_labels_hashes_and_teacher_agreement(
     assert [(t.name, t.activation, t.threshold) for t in m.tasks] == [
         ("species", "softmax", 0.3), ("detection", "sigmoid", 0.3)]
     assert m.tasks[0].labels == SPECIES
+    kept = cpu_int8_kept(export_dir)
+    cpu_int8 = [(INT8_CPU, "int8")] if kept else []
     assert [(s.file, s.precision) for s in m.models] == [
-        ("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")]
+        ("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8"),
+        *cpu_int8]
     assert set(m.files) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "labels.json",
-                            "export.json"}
+                            "export.json", *(f for f, _ in cpu_int8)}
     assert json.loads((out / "labels.json").read_text())["species"] == list(SPECIES)
-    assert m.agreement["fp32.species"] == pytest.approx(expected)
-    assert set(m.agreement) == {f"{p}.species" for p in ("fp32", "fp16", "int8")}
+    # keyed by file stem: the two INT8 models (QDQ for TensorRT, QOperator for the CPU) apart
+    assert m.agreement["model.species"] == pytest.approx(expected)
+    stems = ["model", "model.fp16", "model.int8"] + (["model.int8cpu"] if kept else [])
+    assert set(m.agreement) == {f"{stem}.species" for stem in stems}
     assert {"onnx", "onnxruntime", "torch"} <= set(m.tools)
-    assert set(m.latency_ms) == {f"{p}-conv.cpu.b1.t1" for p in ("fp32", "fp16", "int8")}
+    cpu_stems = ["model", "model.fp16", "model.int8cpu" if kept else "model.int8"]
+    assert set(m.latency_ms) == {f"{stem}.cpu.b1.t1" for stem in cpu_stems}
     assert all(v > 0 for v in m.latency_ms.values())
     assert onnx_for(loaded, "int8").file == "model.int8.onnx"
     assert onnx_for(loaded, "fp16").file == "model.onnx"
@@ -135,14 +150,18 @@ def test_model_order_puts_the_cpu_stft_variant_first_and_keeps_tensorrt_on_conv(
     folder.mkdir()
     shutil.copyfile(export_dir / "export.json", folder / "export.json")
     update_report(folder, models=[model_entry("model.stft.onnx", "fp32", "stft")])
+    kept = cpu_int8_kept(export_dir)
     files = [m["file"] for m in read_report(folder)["models"]]
-    assert files == ["model.stft.onnx", "model.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    assert files == ["model.stft.onnx", "model.onnx", "model.fp16.onnx", "model.int8.onnx",
+                     *([INT8_CPU] if kept else [])]
     assert read_report(folder)["models"][0]["backends"] == ["cpu"]
     manifest = bundle_manifest(read_report(folder), "b", "1")
     loaded = Bundle(root=folder, manifest=manifest)
     assert loaded.model_for("cpu").file == "model.stft.onnx"
     assert loaded.model_for("tensorrt").file == "model.onnx"
-    assert loaded.model_for("cpu", precision="int8").file == "model.int8.onnx"
+    assert loaded.model_for("cpu", precision="int8").file == (
+        INT8_CPU if kept else "model.int8.onnx")
+    assert loaded.model_for("tensorrt", precision="int8").file == "model.int8.onnx"
     with pytest.raises(ValueError, match="thresholds for unknown tasks"):
         bundle_manifest(read_report(folder), "b", "1", thresholds={"sounds": 0.5})
 
@@ -172,8 +191,9 @@ def test_compare_prints_every_model_against_torch(tmp_path: Path, export_dir: Pa
     assert "reference: torch; 8 windows of 1 s" in printed
     rows = json.loads(out.read_text())
     models = {r["model"] for r in rows}
-    assert models == {"ort-fp32-conv", "ort-fp16-conv", "ort-int8-conv"}
-    fp32 = {r["output"]: r for r in rows if r["model"] == "ort-fp32-conv"}
+    assert models == {"ort-model", "ort-model.fp16", "ort-model.int8",
+                      *(["ort-model.int8cpu"] if cpu_int8_kept(export_dir) else [])}
+    fp32 = {r["output"]: r for r in rows if r["model"] == "ort-model"}
     assert fp32["species_logits"]["max_abs"] < read_report(export_dir)["spec"]["atol"]
     assert fp32["species_logits"]["top1"] == 1.0 and fp32["embedding"]["top1"] is None
 
