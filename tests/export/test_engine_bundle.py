@@ -23,10 +23,9 @@ SPEC = {"samples": 16000, "min_batch": 1, "opt_batch": 8, "max_batch": 64, "inpu
 
 
 def cpu_int8_kept(export_dir: Path) -> bool:
-    """Whether the fixture's `export quantize` (mode auto: kept where faster on this CPU) kept
-    the CPU INT8 variant; which it is depends on the machine, so tests expect either."""
+    """Whether the fixture's `export quantize` kept the CPU INT8 variant (in mode auto that
+    depends on this CPU's speed, so tests expect either)."""
     decision = read_report(export_dir)["int8_cpu"]
-    assert decision["mode"] == "auto" and decision["fp32_ms"] > 0
     assert (export_dir / INT8_CPU).is_file() == decision["kept"]
     return bool(decision["kept"])
 
