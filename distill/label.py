@@ -63,13 +63,32 @@ def _parse_answer(task: str, answer: str, labels: Sequence[str]) -> list[str]:
 
 
 def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
-                 max_new_tokens: int = 24, num_beams: int = 1) -> list[dict[str, Any]]:
-    """The target rows of a batch: ``audio[B, clip_samples]`` and its records, one row each."""
+                 max_new_tokens: int = 24, num_beams: int = 1,
+                 audio_index: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The target rows of a batch, one per record.
+
+    ``audio[C, clip_samples]`` holds the batch's clips and ``audio_index[i]`` the clip of
+    ``records[i]`` (default: one clip per record, in order). Each clip is encoded once for all
+    of its records; each record's prompt runs once (`NatureLM.prompt_cache`) for its greedy
+    answer and all of its candidates, and the candidates of the whole batch are scored together.
+    """
     from teacher.lightning import is_multi_label
 
+    index = list(range(len(records))) if audio_index is None else list(audio_index)
+    if len(index) != len(records) or any(not 0 <= i < audio.shape[0] for i in index):
+        raise ValueError(f"audio_index must give each of the {len(records)} records one of the "
+                         f"{audio.shape[0]} clips, got {index}")
     instructions = [r.instruction for r in records]
-    answers = model.generate(audio, instructions, max_new_tokens=max_new_tokens,
-                             num_beams=num_beams)
+    with torch.no_grad():
+        tokens = model.encode_audio(audio)
+    embeds = tokens[torch.tensor(index, dtype=torch.long, device=tokens.device)]
+    prompt = model.prompt_cache(None, instructions, audio_embeds=embeds)
+    if num_beams == 1:
+        answer_ids = model.greedy_from(prompt, max_new_tokens)
+    else:
+        answer_ids = model.generate_ids(None, instructions, max_new_tokens, num_beams,
+                                        audio_embeds=embeds)
+    answers = [model.decode_answer(ids) for ids in answer_ids]
     candidates: list[list[frozenset[str]] | None] = []
     texts: list[list[str]] = []
     for record, answer in zip(records, answers, strict=True):
@@ -81,7 +100,8 @@ def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
         else:
             candidates.append(None)
             texts.append(labels)
-    scores = model.score_labels(audio, instructions, texts).double().cpu().numpy()
+    ids = model.label_token_ids(texts, len(records))
+    scores = model.score_from(prompt, ids).double().cpu().numpy()
     rows = []
     for i, record in enumerate(records):
         n = len(record.labels)
@@ -95,25 +115,45 @@ def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
     return rows
 
 
+def clip_key(record: Record) -> tuple[Any, ...]:
+    """What identifies a record's audio: its file span, or its id for in-memory audio.
+
+    Records with one key are one clip: it is loaded and encoded once for all of them.
+    """
+    if record.audio is not None or record.file_name is None:
+        return ("id", record.id)
+    return ("file", record.file_name, record.offset_s, record.duration_s)
+
+
+def group_by_clip(records: Sequence[Record]) -> list[list[Record]]:
+    """Records grouped by `clip_key`, groups in order of first appearance."""
+    groups: dict[tuple[Any, ...], list[Record]] = {}
+    for r in records:
+        groups.setdefault(clip_key(r), []).append(r)
+    return list(groups.values())
+
+
 class LabelDataset(Dataset):
-    """Records as ``{"audio": [clip_samples], "index": i}`` at the teacher's rate and length."""
+    """One item per clip: ``{"audio": [clip_samples], "records": [...], "cut_s"}`` at the
+    teacher's rate and length, with every record (task) of that clip."""
 
     def __init__(self, records: Sequence[Record], sample_rate: int, clip_s: float) -> None:
-        self.records = list(records)
+        self.clips = group_by_clip(records)
         self.sample_rate = sample_rate
         self.samples = int(round(clip_s * sample_rate))
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.clips)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from teacher.lightning import fit_length, load_clip
 
-        audio = load_clip(self.records[index], self.sample_rate)
+        records = self.clips[index]
+        audio = load_clip(records[0], self.sample_rate)
         cut = max(0, audio.shape[0] - self.samples) / self.sample_rate
         clip = fit_length(audio, self.samples, None)
         return {"audio": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)),
-                "record": _plain(self.records[index]), "cut_s": cut}
+                "records": [_plain(r) for r in records], "cut_s": cut}
 
 
 def _plain(record: Record) -> dict[str, Any]:
@@ -129,8 +169,14 @@ def _from_plain(row: dict[str, Any]) -> Record:
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"audio": torch.stack([x["audio"] for x in items]),
-            "records": [x["record"] for x in items], "cut_s": [x["cut_s"] for x in items]}
+    """Clips stacked; their records flattened, with each record's clip row and cut."""
+    records, index, cuts = [], [], []
+    for c, item in enumerate(items):
+        records.extend(item["records"])
+        index.extend([c] * len(item["records"]))
+        cuts.extend([item["cut_s"]] * len(item["records"]))
+    return {"audio": torch.stack([x["audio"] for x in items]), "records": records,
+            "audio_index": index, "cut_s": cuts}
 
 
 class LabelDataModule(pl.LightningDataModule):
@@ -172,7 +218,7 @@ class LabelModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         records = [_from_plain(r) for r in batch["records"]]
         rows = teacher_rows(self.teacher, batch["audio"], records, self.max_new_tokens,
-                            self.num_beams)
+                            self.num_beams, batch.get("audio_index"))
         for row, cut in zip(rows, batch["cut_s"], strict=True):
             if cut > 0:
                 row["cut_s"] = float(cut)
@@ -246,7 +292,7 @@ def label(teacher: Path, manifest: Path, out: Path, batch_size: int = 8,
         teacher: a teacher checkpoint (`naturelm-edge teacher fit`).
         manifest: a JSONL / CSV manifest of records.
         out: the target store folder (created; an existing one of the same teacher is resumed).
-        batch_size: clips per forward and per shard.
+        batch_size: clips per batch and per shard, each with all of its pending tasks.
         split: label only this split (default: all).
         tasks: label only these tasks (default: all with a label set).
         accelerator: Lightning accelerator (cpu, gpu, auto).

@@ -63,6 +63,20 @@ class LLMInputs:
     prompt_lengths: list[int]
 
 
+@dataclass
+class PromptCache:
+    """Prompts that ran once (`NatureLM.prompt_cache`): their KV cache and next-token logits.
+
+    Rows are left-padded to one length; ``mask`` marks real positions and ``lengths`` counts
+    them (the position of each row's next token).
+    """
+
+    cache: Any  # the LLM's KV cache (transformers Cache) over [B, L]
+    mask: torch.Tensor  # [B, L] long, 1 on real prompt positions
+    lengths: torch.Tensor  # [B] real prompt tokens per row
+    logits: torch.Tensor  # [B, V] float32 next-token logits after each prompt
+
+
 @dataclass(frozen=True)
 class WindowAnswer:
     """One window of a long recording and the teacher's answer for it."""
@@ -250,14 +264,29 @@ class NatureLM(nn.Module):
         """The supervised tokens of an answer: its tokens then ``cfg.end_token``."""
         return self._ids(answer) + [self.end_id]
 
-    def build_inputs(self, audio: torch.Tensor, instructions: Sequence[str],
+    def build_inputs(self, audio: torch.Tensor | None, instructions: Sequence[str],
                      answers: Sequence[str] | None = None, left_pad: bool = False,
-                     truncate: bool = False) -> LLMInputs:
-        """Encode the audio and splice it into the prompts (plus answers when given)."""
+                     truncate: bool = False, audio_embeds: torch.Tensor | None = None
+                     ) -> LLMInputs:
+        """Encode the audio and splice it into the prompts (plus answers when given).
+
+        ``audio_embeds`` (``[n_audio, Q, H]``, an `encode_audio` result) is spliced in
+        instead of encoding ``audio`` (then None): one encoding serves many prompts.
+        """
         instructions = list(instructions)
         if answers is not None and len(answers) != len(instructions):
             raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
-        tokens = self.encode_audio(audio, truncate=truncate)
+        if audio_embeds is not None:
+            if audio is not None:
+                raise ValueError("give audio or audio_embeds, not both")
+            if audio_embeds.dim() != 3:
+                raise ValueError(f"audio_embeds must be [audios, tokens, width] (encode_audio "
+                                 f"output), got shape {tuple(audio_embeds.shape)}")
+            tokens = audio_embeds.to(device=self.device, dtype=self.embed_dtype)
+        elif audio is None:
+            raise ValueError("no audio: give audio [batch, samples] or audio_embeds")
+        else:
+            tokens = self.encode_audio(audio, truncate=truncate)
         seqs, labels, prompt_lengths = [], [], []
         for i, sl in enumerate(self._audio_slices(tokens.shape[0], instructions)):
             seq = self.prompt_embeds(tokens[sl], instructions[i])
@@ -313,17 +342,139 @@ class NatureLM(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate_ids(self, audio: torch.Tensor, instructions: Sequence[str],
-                     max_new_tokens: int = 24, num_beams: int = 1) -> list[list[int]]:
-        """Greedy (``num_beams=1``) or beam-search answer token ids, stop token excluded.
+    def prompt_cache(self, audio: torch.Tensor | None, instructions: Sequence[str],
+                     audio_embeds: torch.Tensor | None = None) -> PromptCache:
+        """Run the prompts once (left-padded, one batched forward) and keep their KV cache.
+
+        Both `greedy_from` and `score_from` continue from it, so a record's prompt runs once
+        for its answer and all of its candidate labels. ``audio_embeds`` (an `encode_audio`
+        result, one row per placeholder) replaces ``audio``, so a clip encoded once serves
+        every prompt about it.
+        """
+        with self._inference():
+            batch = self.build_inputs(audio, instructions, left_pad=True,
+                                      audio_embeds=audio_embeds)
+            mask = batch.attention_mask
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.llama_model(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
+                                   position_ids=positions, use_cache=True)
+            logits = out.logits[:, -1].float()
+        return PromptCache(out[self._cache_arg], mask, mask.sum(dim=1), logits)
+
+    def greedy_from(self, prompt: PromptCache, max_new_tokens: int = 24) -> list[list[int]]:
+        """Greedy answer token ids after each cached prompt, stop token excluded.
+
+        The same decisions as ``generate_ids(num_beams=1)`` (argmax of the next-token logits
+        over the tokenizer's vocabulary), decoded on a copy of the cache.
+        """
+        rows = prompt.logits.shape[0]
+        answers: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        vocab = len(self.tokenizer)
+        cache = copy.deepcopy(prompt.cache)
+        mask, positions, logits = prompt.mask, prompt.lengths.clone(), prompt.logits
+        stops = set(self.stop_ids)
+        with self._inference():
+            for step in range(max_new_tokens):
+                tokens = logits[:, :vocab].argmax(dim=-1).tolist()
+                for b, t in enumerate(tokens):
+                    if not done[b]:
+                        done[b] = t in stops
+                        if not done[b]:
+                            answers[b].append(t)
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                feed = torch.tensor([[self.pad_id if d else t] for t, d in zip(tokens, done,
+                                                                                 strict=True)],
+                                    dtype=torch.long, device=self.device)
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                out = self.llama_model(input_ids=feed, attention_mask=mask,
+                                       position_ids=positions.unsqueeze(1), use_cache=True,
+                                       **{self._cache_arg: cache})
+                cache = out[self._cache_arg]
+                positions = positions + 1
+                logits = out.logits[:, -1].float()
+        return answers
+
+    def score_from(self, prompt: PromptCache, candidates: Sequence[Sequence[Sequence[int]]],
+                   normalize: str = "sum", with_end: bool = True,
+                   label_batch_size: int = 256) -> torch.Tensor:
+        """`score_token_ids` after cached prompts: ``[B, max candidates]``, ragged rows padded
+        with ``-inf``. The candidates of all rows run together, ``label_batch_size`` sequences
+        per forward, each over its own row of the prompt cache."""
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
+        if len(candidates) != prompt.logits.shape[0]:
+            raise ValueError(f"{prompt.logits.shape[0]} prompts but {len(candidates)} label sets")
+        if label_batch_size < 1:
+            raise ValueError(f"label_batch_size must be >= 1, got {label_batch_size}")
+        pairs = []
+        for b, row in enumerate(candidates):
+            for j, c in enumerate(row):
+                seq = list(c) + ([self.end_id] if with_end else [])
+                if not seq:
+                    raise ValueError("an empty label has no tokens to score (use with_end=True)")
+                pairs.append((b, j, seq))
+        width = max(len(row) for row in candidates)
+        scores = torch.full((len(candidates), width), -math.inf)
+        first = torch.log_softmax(prompt.logits, dim=-1)
+        with self._inference():
+            for start in range(0, len(pairs), label_batch_size):
+                chunk = pairs[start:start + label_batch_size]
+                total = self._score_chunk(prompt, first, [b for b, _, _ in chunk],
+                                          [s for _, _, s in chunk])
+                if normalize == "mean":
+                    total = total / torch.tensor([len(s) for _, _, s in chunk],
+                                                 dtype=torch.float32)
+                for (b, j, _), value in zip(chunk, total.tolist(), strict=True):
+                    scores[b, j] = value
+        return scores
+
+    def _score_chunk(self, prompt: PromptCache, first: torch.Tensor, rows: list[int],
+                     seqs: list[list[int]]) -> torch.Tensor:
+        """Sum of log-probs of each token sequence after the cached prompt of its row."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        total = first[index, torch.tensor([s[0] for s in seqs], device=self.device)].cpu()
+        longest = max(len(s) for s in seqs)
+        if longest == 1:
+            return total
+        k = len(seqs)
+        inputs = torch.full((k, longest - 1), self.pad_id, dtype=torch.long, device=self.device)
+        targets = torch.full((k, longest - 1), IGNORE, dtype=torch.long, device=self.device)
+        tail = torch.zeros(k, longest - 1, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            inputs[i, :len(s) - 1] = torch.tensor(s[:-1], device=self.device)
+            targets[i, :len(s) - 1] = torch.tensor(s[1:], device=self.device)
+            tail[i, :len(s) - 1] = 1
+        mask = torch.cat([prompt.mask[index], tail], dim=1)
+        positions = prompt.lengths[index].unsqueeze(1) + torch.arange(longest - 1,
+                                                                       device=self.device)
+        past = copy.deepcopy(prompt.cache)
+        past.batch_select_indices(index)
+        logits = self.llama_model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                                  use_cache=True, **{self._cache_arg: past}).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        valid = targets != IGNORE
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return total + (picked * valid).sum(dim=1).cpu()
+
+    def generate_ids(self, audio: torch.Tensor | None, instructions: Sequence[str],
+                     max_new_tokens: int = 24, num_beams: int = 1,
+                     audio_embeds: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy (``num_beams=1``, `greedy_from`) or beam-search (transformers' ``generate``)
+        answer token ids, stop token excluded.
 
         Embedding rows beyond the tokenizer's vocabulary (a built LLM may have spare rows)
-        are never generated.
+        are never generated. ``audio_embeds``: see `prompt_cache`.
         """
+        if num_beams == 1:
+            return self.greedy_from(self.prompt_cache(audio, instructions, audio_embeds),
+                                    max_new_tokens)
         from transformers import GenerationConfig
 
         with self._inference():
-            batch = self.build_inputs(audio, instructions, left_pad=True)
+            batch = self.build_inputs(audio, instructions, left_pad=True,
+                                      audio_embeds=audio_embeds)
             rows = self.llama_model.get_input_embeddings().weight.shape[0]
             unused = list(range(len(self.tokenizer), rows))  # rows no token decodes to
             gen = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -343,15 +494,26 @@ class NatureLM(nn.Module):
             results.append(ids)
         return results
 
-    def generate(self, audio: torch.Tensor, instructions: Sequence[str],
-                 max_new_tokens: int = 24, num_beams: int = 1) -> list[str]:
-        """One answer per prompt (special tokens removed, whitespace stripped)."""
-        ids = self.generate_ids(audio, instructions, max_new_tokens, num_beams)
-        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        """Answer text of generated ids (special tokens removed, whitespace stripped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
-    def score_labels(self, audio: torch.Tensor, instructions: Sequence[str],
+    def generate(self, audio: torch.Tensor | None, instructions: Sequence[str],
+                 max_new_tokens: int = 24, num_beams: int = 1,
+                 audio_embeds: torch.Tensor | None = None) -> list[str]:
+        """One answer per prompt (special tokens removed, whitespace stripped)."""
+        ids = self.generate_ids(audio, instructions, max_new_tokens, num_beams, audio_embeds)
+        return [self.decode_answer(x) for x in ids]
+
+    def label_token_ids(self, labels: Sequence[str] | Sequence[Sequence[str]],
+                        rows: int) -> list[list[list[int]]]:
+        """Token ids of each row's labels (one label set for every row, or one per row)."""
+        return [[self._ids(label) for label in row] for row in _label_sets(labels, rows)]
+
+    def score_labels(self, audio: torch.Tensor | None, instructions: Sequence[str],
                      labels: Sequence[str] | Sequence[Sequence[str]], normalize: str = "sum",
-                     with_end: bool = True, label_batch_size: int = 64) -> torch.Tensor:
+                     with_end: bool = True, label_batch_size: int = 256,
+                     audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood ``[B, L]`` of each candidate answer given audio and prompt.
 
         Args:
@@ -361,71 +523,28 @@ class NatureLM(nn.Module):
                 with ``-inf``).
             normalize: ``"sum"`` (answer log-likelihood) or ``"mean"`` (per token).
             with_end: include the end token, i.e. score the label as the *whole* answer.
-            label_batch_size: labels per forward over the shared prompt prefix.
+            label_batch_size: candidate sequences (of all rows together) per forward.
+            audio_embeds: `encode_audio` output used instead of ``audio`` (see `prompt_cache`).
         """
-        per_row = _label_sets(labels, len(instructions))
-        ids = [[self._ids(label) for label in row] for row in per_row]
+        ids = self.label_token_ids(labels, len(instructions))
         return self.score_token_ids(audio, instructions, ids, normalize, with_end,
-                                    label_batch_size)
+                                    label_batch_size, audio_embeds)
 
-    def score_token_ids(self, audio: torch.Tensor, instructions: Sequence[str],
+    def score_token_ids(self, audio: torch.Tensor | None, instructions: Sequence[str],
                         candidates: Sequence[Sequence[Sequence[int]]], normalize: str = "sum",
-                        with_end: bool = True, label_batch_size: int = 64) -> torch.Tensor:
+                        with_end: bool = True, label_batch_size: int = 256,
+                        audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """`score_labels` on token ids: ``candidates[b]`` is row b's list of token-id lists.
 
-        The prompt prefix runs once per row with a KV cache; the candidates then run in
-        batches of ``label_batch_size`` over copies of that cache.
+        The prompts run once, batched, with a KV cache (`prompt_cache`); the candidates of all
+        rows then run in batches of ``label_batch_size`` over their rows of that cache.
         """
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
         if len(candidates) != len(instructions):
             raise ValueError(f"{len(instructions)} prompts but {len(candidates)} label sets")
-        width = max(len(row) for row in candidates)
-        scores = torch.full((len(candidates), width), -math.inf)
-        with self._inference():
-            batch = self.build_inputs(audio, instructions)
-            for b, row in enumerate(candidates):
-                seqs = [list(c) + ([self.end_id] if with_end else []) for c in row]
-                if any(len(s) == 0 for s in seqs):
-                    raise ValueError("an empty label has no tokens to score (use with_end=True)")
-                n = batch.prompt_lengths[b]
-                prefix = batch.inputs_embeds[b:b + 1, :n]
-                out = self.llama_model(inputs_embeds=prefix, use_cache=True)
-                cache = out[self._cache_arg]
-                first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-                for start in range(0, len(seqs), label_batch_size):
-                    chunk = seqs[start:start + label_batch_size]
-                    total = self._score_chunk(cache, n, first, chunk)
-                    counts = torch.tensor([len(s) for s in chunk], dtype=torch.float32)
-                    if normalize == "mean":
-                        total = total / counts
-                    scores[b, start:start + len(chunk)] = total
-        return scores
-
-    def _score_chunk(self, cache: Any, prefix_len: int, first: torch.Tensor,
-                     chunk: list[list[int]]) -> torch.Tensor:
-        """Sum of log-probs of each token sequence in ``chunk`` after the cached prefix."""
-        total = torch.stack([first[s[0]] for s in chunk]).cpu()
-        longest = max(len(s) for s in chunk)
-        if longest == 1:
-            return total
-        k = len(chunk)
-        inputs = torch.full((k, longest - 1), self.pad_id, dtype=torch.long, device=self.device)
-        targets = torch.full((k, longest - 1), IGNORE, dtype=torch.long, device=self.device)
-        mask = torch.zeros(k, prefix_len + longest - 1, dtype=torch.long, device=self.device)
-        mask[:, :prefix_len] = 1
-        for i, s in enumerate(chunk):
-            inputs[i, :len(s) - 1] = torch.tensor(s[:-1], device=self.device)
-            targets[i, :len(s) - 1] = torch.tensor(s[1:], device=self.device)
-            mask[i, prefix_len:prefix_len + len(s) - 1] = 1
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(k)
-        logits = self.llama_model(input_ids=inputs, attention_mask=mask, use_cache=True,
-                                  **{self._cache_arg: past}).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        valid = targets != IGNORE
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return total + (picked * valid).sum(dim=1).cpu()
+        prompt = self.prompt_cache(audio, instructions, audio_embeds)
+        return self.score_from(prompt, candidates, normalize, with_end, label_batch_size)
 
 
 def _label_sets(labels: Sequence[str] | Sequence[Sequence[str]], rows: int) -> list[list[str]]:

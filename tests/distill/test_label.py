@@ -175,11 +175,11 @@ def test_resume_after_partial_run_has_no_duplicates(corpus: Path, teacher_ckpt: 
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(label_module, "write_part", dies_on_third_shard)
-    with pytest.raises(RuntimeError, match="killed"):
-        label(teacher_ckpt, corpus, out, batch_size=2, **CPU)
+    with pytest.raises(RuntimeError, match="killed"):  # one clip (two tasks) per shard
+        label(teacher_ckpt, corpus, out, batch_size=1, **CPU)
     monkeypatch.setattr(label_module, "write_part", real_write)
     assert len(done_keys(out)) == 4 and not (out / "index.json").exists()
-    label(teacher_ckpt, corpus, out, batch_size=2, **CPU)
+    label(teacher_ckpt, corpus, out, batch_size=1, **CPU)
     rows = _rows_by_key(out)  # asserts no duplicates
     full = TargetStore(labelled)
     assert sorted(rows) == full.keys()
