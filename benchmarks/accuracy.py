@@ -340,7 +340,9 @@ class LatencyOptions:
 
 
 def _recorded_latency(bundle: Any, spec: Any, threads: int) -> float | None:
-    value = bundle.manifest.latency_ms.get(f"{spec.precision}-{spec.variant}.cpu.b1.t{threads}")
+    from export.bundle import latency_key
+
+    value = bundle.manifest.latency_ms.get(latency_key(spec.file, threads=threads))
     return float(value) if value is not None else None
 
 

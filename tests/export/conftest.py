@@ -106,5 +106,6 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, real_
 
     out = tmp_path_factory.mktemp("export") / "export"
     assert onnx(checkpoint, out, window_s=WINDOW_S, recording=real_recording, stft="never") == 0
-    assert quantize(out, manifest, calibration_clips=32) == 0
+    # "never": the CPU INT8 keep-or-drop choice depends on this machine's timing.
+    assert quantize(out, manifest, calibration_clips=32, int8_cpu="never") == 0
     return out
