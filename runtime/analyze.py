@@ -31,10 +31,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -55,11 +56,14 @@ from runtime.postprocess import (
 from runtime.runners import Runner, open_runner
 from runtime.windows import Window, WindowSpec, iter_windows
 from runtime.writers import (
+    CSV_HEADER,
+    ERRORS_HEADER,
+    atomic_stream,
     check_formats,
+    format_csv_rows,
+    format_errors_rows,
+    format_jsonl,
     write_audacity,
-    write_csv,
-    write_errors,
-    write_jsonl,
     write_raven,
 )
 
@@ -185,6 +189,18 @@ def analyze(
             failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
         run.summary(backend, model, failed)
         return 1 if failed else 0
+
+
+class Sink(Protocol):
+    """Where a finished recording's rows go as soon as it is finished (the `watch` daemon's
+    per-day files); returns the combined files appended to and their new lengths, which
+    the journal entry records."""
+
+    def detections(self, path: Path, detections: Sequence[Detection]) -> Mapping[str, int]:
+        ...
+
+    def error(self, path: Path, reason: str) -> Mapping[str, int]:
+        ...
 
 
 def make_settings(manifest: BundleManifest, hop_s: float | None, overlap_s: float | None,
@@ -330,8 +346,11 @@ class Analysis:
     progress and summary (used by `analyze` and by each round of `watch`)."""
 
     def __init__(self, bundle: Bundle, settings: Settings, out: Path,
-                 recordings: Sequence[Path], progress: bool, root: Path | None = None) -> None:
+                 recordings: Sequence[Path], progress: bool, root: Path | None = None,
+                 sink: Sink | None = None) -> None:
         self.bundle, self.settings, self.out = bundle, settings, out
+        self.sink = sink
+        self.found: dict[Path, int] = {}  # detections per recording finished by this run
         self.root = root.absolute() if root is not None else _common_root(recordings)
         self.progress = progress
         self.resumed = 0
@@ -429,8 +448,11 @@ class Analysis:
             write_raven(stem.with_name(stem.name + ".selections.txt"), dets)
         if "audacity" in self.settings.formats:
             write_audacity(stem.with_name(stem.name + ".labels.txt"), dets)
+        outputs = self.sink.detections(rec.path, dets) if self.sink is not None else {}
         name, size, mtime = file_key(rec.path)
-        journal.append(Entry(name, size, mtime, "ok", rec.duration_s, detections=tuple(dets)))
+        journal.append(Entry(name, size, mtime, "ok", rec.duration_s, detections=tuple(dets),
+                             outputs=outputs))
+        self.found[rec.path] = len(dets)
         self._advance(rec, rec.duration_s)
         self.analysed_s += rec.duration_s
         self.new_detections += len(dets)
@@ -447,8 +469,9 @@ class Analysis:
         stem = self._stem(path)
         for suffix in (".selections.txt", ".labels.txt"):
             stem.with_name(stem.name + suffix).unlink(missing_ok=True)
+        outputs = self.sink.error(path, reason) if self.sink is not None else {}
         name, size, mtime = file_key(path)
-        journal.append(Entry(name, size, mtime, "error", reason=reason))
+        journal.append(Entry(name, size, mtime, "error", reason=reason, outputs=outputs))
         if self._last_progress:
             print(file=sys.stderr)  # end the progress line before the message
         log.warning("%s: %s", path, reason)
@@ -464,18 +487,31 @@ class Analysis:
     # -- combined outputs, progress, summary
 
     def write_combined(self, journal: Journal) -> None:
-        entries = sorted(journal.entries.values(), key=lambda e: e.file)
-        dets = [d for e in entries if e.status == "ok" for d in e.detections]
-        if "csv" in self.settings.formats:
-            write_csv(self.out / "detections.csv", dets)
-        if "jsonl" in self.settings.formats:
-            write_jsonl(self.out / "detections.jsonl", dets)
-        write_errors(self.out / ERRORS, [(e.file, e.reason) for e in entries
-                                         if e.status == "error"])
+        """Rebuild ``detections.csv``, ``detections.jsonl`` and ``errors.csv`` from the latest
+        journal entry of every recording, sorted by path. Entries are read back from disk one
+        at a time and the files streamed atomically, so memory does not grow with history."""
+        with ExitStack() as stack:
+            csv_out = jsonl_out = None
+            if "csv" in self.settings.formats:
+                csv_out = stack.enter_context(atomic_stream(self.out / "detections.csv"))
+                csv_out.write(CSV_HEADER)
+            if "jsonl" in self.settings.formats:
+                jsonl_out = stack.enter_context(atomic_stream(self.out / "detections.jsonl"))
+            errors_out = stack.enter_context(atomic_stream(self.out / ERRORS))
+            errors_out.write(ERRORS_HEADER)
+            for entry in journal.latest():
+                if entry.status != "ok":
+                    errors_out.write(format_errors_rows([(entry.file, entry.reason)]))
+                    continue
+                if csv_out is not None:
+                    csv_out.write(format_csv_rows(entry.detections))
+                if jsonl_out is not None:
+                    jsonl_out.write(format_jsonl(entry.detections))
 
-    def failed(self, journal: Journal, paths: Sequence[Path]) -> list[Entry]:
-        entries = [journal.entries.get(str(p.absolute())) for p in paths]
-        return [e for e in entries if e is not None and e.status == "error"]
+    def failed(self, journal: Journal, paths: Sequence[Path]) -> list[str]:
+        """Those of `paths` whose latest journal entry is an error."""
+        found = [(str(p.absolute()), journal.finished.get(str(p.absolute()))) for p in paths]
+        return [name for name, done in found if done is not None and done.status == "error"]
 
     def _show_progress(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -495,7 +531,7 @@ class Analysis:
             self._show_progress(force=True)
             print(file=sys.stderr)
 
-    def summary(self, backend: str, model: str, failed: Sequence[Entry]) -> None:
+    def summary(self, backend: str, model: str, failed: Sequence[str]) -> None:
         wall = time.perf_counter() - self.started
         speed = self.analysed_s / wall if wall > 0 else 0.0
         lines = [

@@ -1,28 +1,37 @@
 """The journal of finished recordings: what makes a directory run resumable after a power cut.
 
 One JSON line per finished recording (its detections, or the reason it failed), appended and
-fsynced only after that recording's own outputs were written atomically. The first line
-holds the run's settings fingerprint, so a rerun with other settings refuses to mix results.
-A line torn by a power cut (no newline, or not JSON) can only be the last one; opening the
-journal cuts it off, and that recording is simply analysed again.
+fsynced only after that recording's own outputs were written. The first line holds the run's
+settings fingerprint, so a rerun with other settings refuses to mix results. A line torn by a
+power cut (no newline, or not JSON) can only be the last one; opening the journal cuts it
+off, and that recording is simply analysed again.
+
+Memory stays bounded by the number of recordings, not by their detections: opening streams
+the file once and keeps, per recording, only its size, modification time, status and the
+byte offset of its line (`Done`). Detections are read back from disk (`entry`, `latest`,
+`with_output`) only when a combined file is built or rebuilt. An entry may name the combined
+files it appended rows to (`Entry.outputs`: path relative to the output folder -> the file's
+length after the append, as the `watch` daemon's per-day files do); `Journal.outputs` holds
+the last recorded length of each, which is what a restart cuts a longer file back to.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "journal.jsonl"
     >>> with Journal.open(path, fingerprint="abc") as journal:
     ...     journal.append(Entry("/data/a.wav", 123, 456, "ok", duration_s=60.0))
-    >>> sorted(Journal.open(path, fingerprint="abc").entries)
-    ['/data/a.wav']
+    >>> with Journal.open(path, fingerprint="abc") as journal:
+    ...     sorted(journal.finished), journal.entry("/data/a.wav").duration_s
+    (['/data/a.wav'], 60.0)
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 from runtime.errors import ManifestError
 from runtime.files import atomic_write_bytes
@@ -33,7 +42,8 @@ JOURNAL_VERSION = 1
 
 @dataclass(frozen=True)
 class Entry:
-    """One finished recording: ``status`` is ``ok`` or ``error`` (with ``reason``)."""
+    """One finished recording: ``status`` is ``ok`` or ``error`` (with ``reason``);
+    ``outputs`` maps the combined files its rows were appended to onto their new lengths."""
 
     file: str
     size: int
@@ -42,18 +52,34 @@ class Entry:
     duration_s: float = 0.0
     reason: str = ""
     detections: Sequence[Detection] = field(default_factory=tuple)
+    outputs: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
         data["detections"] = [asdict(d) for d in self.detections]
+        if not self.outputs:
+            del data["outputs"]
+        else:
+            data["outputs"] = dict(self.outputs)
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Entry:
         dets = tuple(Detection(**d) for d in data.get("detections", ()))
+        outputs = {str(k): int(v) for k, v in data.get("outputs", {}).items()}
         return cls(str(data["file"]), int(data["size"]), int(data["mtime_ns"]),
                    str(data["status"]), float(data.get("duration_s", 0.0)),
-                   str(data.get("reason", "")), dets)
+                   str(data.get("reason", "")), dets, outputs)
+
+
+class Done(NamedTuple):
+    """What the journal keeps in memory per recording: enough to tell whether it is done,
+    and where its line is to read the rest back."""
+
+    size: int
+    mtime_ns: int
+    status: str
+    offset: int
 
 
 def file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
@@ -68,12 +94,20 @@ def file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
 
 
 class Journal:
-    """An append-only, fsynced JSONL journal; use `Journal.open`."""
+    """An append-only, fsynced JSONL journal; use `Journal.open`.
 
-    def __init__(self, path: Path, handle: Any, entries: dict[str, Entry]) -> None:
+    ``finished`` maps each recording's absolute path to its latest `Done`; ``outputs`` maps
+    each combined file named by an entry to its last recorded length.
+    """
+
+    def __init__(self, path: Path, handle: BinaryIO, finished: dict[str, Done],
+                 outputs: dict[str, int], end: int) -> None:
         self.path = path
         self._handle = handle
-        self.entries = entries
+        self._reader: BinaryIO | None = None
+        self._end = end
+        self.finished = finished
+        self.outputs = outputs
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], fingerprint: str, resume: bool = True,
@@ -87,33 +121,70 @@ class Journal:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        entries: dict[str, Entry] = {}
+        finished: dict[str, Done] = {}
+        outputs: dict[str, int] = {}
         if resume and path.exists() and path.stat().st_size:
-            entries, good_bytes = _read(path, fingerprint)
+            good_bytes = _read(path, fingerprint, finished, outputs)
             if good_bytes < path.stat().st_size:
                 os.truncate(path, good_bytes)
         else:
             _start(path, fingerprint)
         handle = open(path, "ab")  # noqa: SIM115 - closed by close()
-        return cls(path, handle, entries)
+        return cls(path, handle, finished, outputs, handle.seek(0, os.SEEK_END))
 
-    def done(self, path: str | os.PathLike[str]) -> Entry | None:
-        """The entry of `path` if it was finished and has not changed since."""
+    def done(self, path: str | os.PathLike[str]) -> Done | None:
+        """What the journal knows of `path` if it was finished and has not changed since."""
         name, size, mtime = file_key(path)
-        entry = self.entries.get(name)
-        if entry is None or (entry.size, entry.mtime_ns) != (size, mtime):
+        done = self.finished.get(name)
+        if done is None or (done.size, done.mtime_ns) != (size, mtime):
             return None
-        return entry
+        return done
 
     def append(self, entry: Entry) -> None:
         """Record a finished recording durably (write, flush, fsync)."""
-        self._handle.write((entry.to_json() + "\n").encode("utf-8"))
+        line = (entry.to_json() + "\n").encode("utf-8")
+        self._handle.write(line)
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.entries[entry.file] = entry
+        self.finished[entry.file] = Done(entry.size, entry.mtime_ns, entry.status, self._end)
+        self.outputs.update(entry.outputs)
+        self._end += len(line)
+
+    def entry(self, file: str) -> Entry:
+        """The latest entry of `file` (an absolute path in `finished`), read from disk."""
+        done = self.finished[file]
+        reader = self._open_reader()
+        reader.seek(done.offset)
+        return Entry.from_dict(json.loads(reader.readline()))
+
+    def latest(self) -> Iterator[Entry]:
+        """The latest entry of every recording, sorted by path, read one at a time."""
+        for file in sorted(self.finished):
+            yield self.entry(file)
+
+    def with_output(self, output: str) -> Iterator[Entry]:
+        """Every entry (in journal order) that appended rows to the combined file `output`."""
+        reader = self._open_reader()
+        reader.seek(0)
+        reader.readline()
+        position = reader.tell()
+        while position < self._end:
+            raw = reader.readline()
+            position += len(raw)
+            if f'"{output}"'.encode() in raw:  # cheap filter before parsing the line
+                entry = Entry.from_dict(json.loads(raw))
+                if output in entry.outputs:
+                    yield entry
+
+    def _open_reader(self) -> BinaryIO:
+        if self._reader is None:
+            self._reader = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        return self._reader
 
     def close(self) -> None:
         self._handle.close()
+        if self._reader is not None:
+            self._reader.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -132,29 +203,38 @@ def _start(path: Path, fingerprint: str) -> None:
     atomic_write_bytes(path, _header(fingerprint))
 
 
-def _read(path: Path, fingerprint: str) -> tuple[dict[str, Entry], int]:
-    """Entries and the byte length of the intact prefix of the journal."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    try:
-        header = json.loads(lines[0])
-    except ValueError as exc:
-        raise ManifestError(path, f"not a naturelm-edge journal (bad first line: {exc}); "
-                                  "delete it or run without --resume") from exc
-    if header.get("fingerprint") != fingerprint:
-        raise ManifestError(path, "this output folder holds results of a run with other "
-                                  "settings (bundle, thresholds, windows or outputs); use a new "
-                                  "--out folder or --no-resume to start over")
-    entries: dict[str, Entry] = {}
-    offset = len(lines[0]) + 1
-    complete = lines[1:-1]  # the part after the last newline is torn or empty
-    for number, raw in enumerate(complete, start=2):
+def _read(path: Path, fingerprint: str, finished: dict[str, Done],
+          outputs: dict[str, int]) -> int:
+    """Fill `finished` and `outputs` streaming the journal line by line; returns the byte
+    length of its intact prefix."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        first = handle.readline()
         try:
-            entry = Entry.from_dict(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as exc:
-            if number == len(complete) + 1:
-                return entries, offset  # a torn last line: cut it off
-            raise ManifestError(f"{path}:{number}", f"damaged journal line: {exc}") from exc
-        entries[entry.file] = entry
-        offset += len(raw) + 1
-    return entries, offset
+            header = json.loads(first)
+        except ValueError as exc:
+            raise ManifestError(path, f"not a naturelm-edge journal (bad first line: {exc}); "
+                                      "delete it or run without --resume") from exc
+        if not isinstance(header, dict) or header.get("fingerprint") != fingerprint:
+            raise ManifestError(path, "this output folder holds results of a run with other "
+                                      "settings (bundle, thresholds, windows or outputs); use a "
+                                      "new --out folder or --no-resume to start over")
+        offset, number = len(first), 1
+        while True:
+            raw = handle.readline()
+            number += 1
+            if not raw.endswith(b"\n"):
+                return offset  # empty (the end) or torn by a power cut: cut it off
+            try:
+                data = json.loads(raw)
+                done = Done(int(data["size"]), int(data["mtime_ns"]), str(data["status"]),
+                            offset)
+                name = str(data["file"])
+                written = {str(k): int(v) for k, v in data.get("outputs", {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                if offset + len(raw) == size:
+                    return offset  # a torn last line: cut it off
+                raise ManifestError(f"{path}:{number}", f"damaged journal line: {exc}") from exc
+            finished[name] = done
+            outputs.update(written)
+            offset += len(raw)

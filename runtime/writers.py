@@ -1,8 +1,11 @@
 """Detection writers: Raven selection tables, CSV, JSONL, Audacity labels, the errors file.
 
-Every writer renders the whole file in memory and writes it atomically (temporary file,
-fsync, rename), so a crash leaves the old file or the new one, never a torn one. Columns
-follow DESIGN.md contract 8: file, start_s, end_s, task, label, score.
+Every `write_*` writer writes its file atomically (temporary file, fsync, rename), so a crash
+leaves the old file or the new one, never a torn one. Files of unbounded length are streamed
+through `atomic_stream` (the same guarantee, one piece at a time) and the `watch` daemon's
+append-only files through `append_text` (write, fsync, new length: the caller records that
+length in the journal and a restart cuts anything past it). Columns follow DESIGN.md
+contract 8: file, start_s, end_s, task, label, score.
 
     >>> import tempfile, pathlib
     >>> from runtime.postprocess import Detection
@@ -19,8 +22,12 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
 
 from runtime.files import atomic_write_text
 from runtime.postprocess import Detection
@@ -29,6 +36,7 @@ from runtime.raven import Selection, format_raven_table
 FORMATS = ("raven", "csv", "jsonl", "audacity")
 CSV_COLUMNS = ("file", "start_s", "end_s", "task", "label", "score")
 RAVEN_COLUMNS = ("Task", "Label", "Score", "Begin File")
+ERROR_COLUMNS = ("file", "reason")
 
 
 def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -41,14 +49,24 @@ def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in chosen)
 
 
-def format_csv(detections: Iterable[Detection]) -> str:
+def _csv_text(rows: Iterable[Sequence[object]]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for d in detections:
-        writer.writerow([d.file, f"{d.start_s:.3f}", f"{d.end_s:.3f}", d.task, d.label,
-                         f"{d.score:.4f}"])
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
+
+
+CSV_HEADER = _csv_text([CSV_COLUMNS])
+ERRORS_HEADER = _csv_text([ERROR_COLUMNS])
+
+
+def format_csv_rows(detections: Iterable[Detection]) -> str:
+    """The CSV rows of `detections`, without the header."""
+    return _csv_text([d.file, f"{d.start_s:.3f}", f"{d.end_s:.3f}", d.task, d.label,
+                      f"{d.score:.4f}"] for d in detections)
+
+
+def format_csv(detections: Iterable[Detection]) -> str:
+    return CSV_HEADER + format_csv_rows(detections)
 
 
 def write_csv(path: str | os.PathLike[str], detections: Iterable[Detection]) -> None:
@@ -87,10 +105,61 @@ def write_audacity(path: str | os.PathLike[str], detections: Iterable[Detection]
     atomic_write_text(path, format_audacity(detections))
 
 
+def format_errors_rows(errors: Iterable[tuple[str, str]]) -> str:
+    """Rows of the errors file (file, reason), without the header."""
+    return _csv_text(errors)
+
+
 def write_errors(path: str | os.PathLike[str], errors: Iterable[tuple[str, str]]) -> None:
     """The errors file: one row per recording that could not be analysed, with the reason."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("file", "reason"))
-    writer.writerows(errors)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, ERRORS_HEADER + format_errors_rows(errors))
+
+
+@contextmanager
+def atomic_stream(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+    """Write a UTF-8 text file of any length piece by piece, atomically: the pieces go to a
+    temporary file beside `path`, which replaces `path` (after fsync) only if the block ends
+    without an exception; otherwise the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def append_text(path: str | os.PathLike[str], text: str, header: str = "") -> int:
+    """Append UTF-8 `text` to `path` durably (write, flush, fsync) and return the file's new
+    length in bytes. A file that does not exist yet (or is empty) starts with `header`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    with path.open("ab") as handle:
+        if handle.tell() == 0:
+            handle.write(header.encode("utf-8"))
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+        length = handle.tell()
+    if created:
+        fsync_dir(path.parent)
+    return length
+
+
+def fsync_dir(folder: Path) -> None:
+    """Persist a file's creation, rename or removal in `folder` (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 NORMALIZATIONS = ("sum", "mean")
 IGNORE = -100
+ID_MEMO_SIZE = 65536  # texts whose token ids a model remembers
 
 
 @dataclass
@@ -146,6 +147,7 @@ class NatureLM(nn.Module):
             if name in tokenizer.get_vocab():
                 stops.add(tokenizer.convert_tokens_to_ids(name))
         self.stop_ids = sorted(stops)
+        self._id_memo: dict[str, tuple[int, ...]] = {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
 
         dim = cfg.encoder.encoder_embed_dim
@@ -343,14 +345,34 @@ class NatureLM(nn.Module):
             self.train(was_training)
 
     def prompt_cache(self, audio: torch.Tensor | None, instructions: Sequence[str],
-                     audio_embeds: torch.Tensor | None = None) -> PromptCache:
-        """Run the prompts once (left-padded, one batched forward) and keep their KV cache.
+                     audio_embeds: torch.Tensor | None = None,
+                     audio_index: Sequence[int] | None = None) -> PromptCache:
+        """Run the prompts once (left-padded, batched) and keep their KV cache.
 
         Both `greedy_from` and `score_from` continue from it, so a record's prompt runs once
         for its answer and all of its candidate labels. ``audio_embeds`` (an `encode_audio`
         result, one row per placeholder) replaces ``audio``, so a clip encoded once serves
         every prompt about it.
+
+        With ``audio_index`` (single-audio prompts), ``audio_embeds`` holds one row per clip
+        and prompt ``i`` is about clip ``audio_index[i]``: the part of the prompt up to and
+        including the audio (bos, user header, ``<Audio>``, audio tokens) is identical for
+        every prompt about a clip, so it runs once per clip and only the rest of each prompt
+        (``</Audio>``, the question, the assistant header) runs per prompt.
         """
+        if audio_index is not None:
+            if audio_embeds is None or audio is not None:
+                raise ValueError("audio_index needs audio_embeds (one row per clip), not audio")
+            index = [int(i) for i in audio_index]
+            if len(index) != len(instructions) or any(
+                    not 0 <= i < audio_embeds.shape[0] for i in index):
+                raise ValueError(f"audio_index must give each of the {len(instructions)} "
+                                 f"prompts one of the {audio_embeds.shape[0]} audios, got {index}")
+            counts = [count_audios(q) for q in instructions]
+            if any(c != 1 for c in counts):
+                raise ValueError(f"audio_index is for prompts holding one audio each, these "
+                                 f"hold {counts}; pass one audio_embeds row per placeholder")
+            return self._shared_prompt_cache(audio_embeds, instructions, index)
         with self._inference():
             batch = self.build_inputs(audio, instructions, left_pad=True,
                                       audio_embeds=audio_embeds)
@@ -358,6 +380,43 @@ class NatureLM(nn.Module):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.llama_model(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                                    position_ids=positions, use_cache=True)
+            logits = out.logits[:, -1].float()
+        return PromptCache(out[self._cache_arg], mask, mask.sum(dim=1), logits)
+
+    def _shared_prompt_cache(self, audio_embeds: torch.Tensor, instructions: Sequence[str],
+                             index: list[int]) -> PromptCache:
+        """`prompt_cache` with the audio prefix run once per (clip, text before the audio)."""
+        heads, tails, groups, row_group = [], [], {}, []
+        for q, clip in zip(instructions, index, strict=True):
+            before, after = split_prompt(chat_prompt(q))
+            head = (self.bos_id, *self._ids(before))
+            key = (clip, head)
+            if key not in groups:
+                groups[key] = len(heads)
+                heads.append(torch.cat([self._embed_ids(head),
+                                        audio_embeds[clip].to(self.device, self.embed_dtype)]))
+            row_group.append(groups[key])
+            tails.append(self._ids(after))
+        rows = len(instructions)
+        with self._inference():
+            prefix = self._pad(heads, None, [h.shape[0] for h in heads], left_pad=True)
+            head_mask = prefix.attention_mask
+            out = self.llama_model(inputs_embeds=prefix.inputs_embeds, attention_mask=head_mask,
+                                   position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                                   use_cache=True)
+            cache = out[self._cache_arg]
+            which = torch.tensor(row_group, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(which)
+            width = max(len(t) for t in tails)
+            ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=self.device)
+            tail_mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+            for r, t in enumerate(tails):
+                ids[r, width - len(t):] = torch.tensor(t, dtype=torch.long, device=self.device)
+                tail_mask[r, width - len(t):] = 1
+            mask = torch.cat([head_mask[which], tail_mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            out = self.llama_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   use_cache=True, **{self._cache_arg: cache})
             logits = out.logits[:, -1].float()
         return PromptCache(out[self._cache_arg], mask, mask.sum(dim=1), logits)
 
