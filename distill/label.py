@@ -69,8 +69,9 @@ def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
 
     ``audio[C, clip_samples]`` holds the batch's clips and ``audio_index[i]`` the clip of
     ``records[i]`` (default: one clip per record, in order). Each clip is encoded once for all
-    of its records; each record's prompt runs once (`NatureLM.prompt_cache`) for its greedy
-    answer and all of its candidates, and the candidates of the whole batch are scored together.
+    of its records, and the prompt up to its audio runs once per clip; the rest of each
+    record's prompt runs once (`NatureLM.prompt_cache`) for its greedy answer and all of its
+    candidates, and the candidates of the whole batch are scored together.
     """
     from teacher.lightning import is_multi_label
 
@@ -81,11 +82,11 @@ def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
     instructions = [r.instruction for r in records]
     with torch.no_grad():
         tokens = model.encode_audio(audio)
-    embeds = tokens[torch.tensor(index, dtype=torch.long, device=tokens.device)]
-    prompt = model.prompt_cache(None, instructions, audio_embeds=embeds)
+    prompt = model.prompt_cache(None, instructions, audio_embeds=tokens, audio_index=index)
     if num_beams == 1:
         answer_ids = model.greedy_from(prompt, max_new_tokens)
     else:
+        embeds = tokens[torch.tensor(index, dtype=torch.long, device=tokens.device)]
         answer_ids = model.generate_ids(None, instructions, max_new_tokens, num_beams,
                                         audio_embeds=embeds)
     answers = [model.decode_answer(ids) for ids in answer_ids]

@@ -249,3 +249,52 @@ def test_two_process_ddp_writes_the_same_targets(corpus: Path, teacher_ckpt: Pat
         assert row["answer"] == single.get(*key).answer
         np.testing.assert_allclose(row["scores"], single.get(*key).scores, atol=1e-4)
     assert TargetStore(out).verify() == len(rows)
+
+
+def test_clip_tasks_share_one_encoding_and_match_labelling_each_record_alone() -> None:
+    model = tiny_model(seed=2)
+    audio = chirps(2, 1.0, seed=3)
+    recs = [Record(id=f"c{c}.{task}", task=task, instruction=instruction_for(task),
+                   output="Kea", labels=labels)
+            for c in range(2) for task, labels in (("species", SPECIES),
+                                                   ("detection", (*SPECIES, NONE_LABEL)))]
+    index = [0, 0, 1, 1]
+    encoded = []
+    real_encode = model.encode_audio
+
+    def counting_encode(wave: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        encoded.append(wave.shape[0])
+        return real_encode(wave, **kwargs)
+
+    model.encode_audio = counting_encode  # type: ignore[method-assign]
+    rows = teacher_rows(model, audio, recs, max_new_tokens=4, audio_index=index)
+    assert encoded == [2], "each clip is encoded once for all of its tasks"
+    assert [r["id"] for r in rows] == [r.id for r in recs]
+    for row, rec, clip in zip(rows, recs, index, strict=True):
+        alone = teacher_rows(model, audio[clip:clip + 1], [rec], max_new_tokens=4)[0]
+        assert row["answer"] == alone["answer"]
+        np.testing.assert_allclose(row["scores"], alone["scores"], atol=1e-4)
+        if rec.task == "detection":
+            np.testing.assert_allclose(row["probs"], alone["probs"], atol=1e-4)
+    with pytest.raises(ValueError, match="audio_index must give"):
+        teacher_rows(model, audio, recs, max_new_tokens=4, audio_index=[0, 0, 1, 2])
+
+
+def test_label_batches_are_clips_with_all_their_pending_tasks(corpus: Path) -> None:
+    from corpus.manifest import read_manifest
+    from distill.label import LabelDataset, _collate, group_by_clip
+
+    records = read_manifest(corpus)
+    groups = group_by_clip(records)
+    assert [len(g) for g in groups] == [2] * 4
+    assert all(len({r.file_name for r in g}) == 1 for g in groups)
+    dataset = LabelDataset(records[1:], 16000, CLIP_S)  # first clip's species already done
+    assert len(dataset) == 4 and len(dataset[0]["records"]) == 1
+    batch = _collate([dataset[0], dataset[1]])
+    assert batch["audio"].shape == (2, int(CLIP_S * 16000))
+    assert batch["audio_index"] == [0, 1, 1]
+    assert [r["id"] for r in batch["records"]] == [r.id for r in records[1:4]]
+    in_memory = [Record(id=f"m{i}", task="species", instruction=instruction_for("species"),
+                        output="Kea", labels=SPECIES, audio=np.zeros(10, np.float32),
+                        sample_rate=16000) for i in range(2)]
+    assert len(group_by_clip(in_memory)) == 2  # in-memory audio: one clip per record

@@ -204,3 +204,52 @@ def test_long_real_recording_is_windowed_and_reported(real_recording: object) ->
     assert scores.shape == (3, len(LABELS))
     first = model.score_labels(audio[None, :model.cfg.clip_samples], [Q], LABELS)
     torch.testing.assert_close(scores[:1], first, atol=1e-4, rtol=1e-4)
+
+
+def test_precomputed_audio_embeds_give_the_same_answers_and_scores(model: NatureLM) -> None:
+    """A clip encoded once serves several prompts: same outputs as passing the audio."""
+    audio = chirps(2, 0.9, seed=9)
+    prompts = [Q, instruction_for("calltype")]
+    with torch.no_grad():
+        tokens = model.encode_audio(audio)
+    torch.testing.assert_close(model.score_labels(None, prompts, LABELS, audio_embeds=tokens),
+                               model.score_labels(audio, prompts, LABELS), atol=1e-5, rtol=1e-5)
+    assert model.generate(None, prompts, max_new_tokens=4, audio_embeds=tokens) == \
+        model.generate(audio, prompts, max_new_tokens=4)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(audio, prompts, audio_embeds=tokens)
+    with pytest.raises(ValueError, match="no audio"):
+        model.score_labels(None, prompts, LABELS)
+    with pytest.raises(ValueError, match=r"\[audios, tokens, width\]"):
+        model.generate(None, prompts, audio_embeds=tokens[0])
+
+
+def test_shared_audio_prefix_equals_whole_prompts(model: NatureLM) -> None:
+    """Prompts about one clip share the cache up to the audio: same answers and scores as
+    running every prompt whole, for prompts of different lengths and a clip asked thrice."""
+    audio = chirps(2, 0.9, seed=10)
+    prompts = [Q, instruction_for("detection"), "Which? Answer:", Q]
+    index = [0, 0, 1, 1]
+    with torch.no_grad():
+        tokens = model.encode_audio(audio)
+    shared = model.prompt_cache(None, prompts, audio_embeds=tokens, audio_index=index)
+    whole = model.prompt_cache(audio[index], prompts)
+    candidates = model.label_token_ids(LABELS, len(prompts))
+    torch.testing.assert_close(model.score_from(shared, candidates),
+                               model.score_from(whole, candidates), atol=1e-4, rtol=1e-4)
+    assert model.greedy_from(shared, 4) == model.greedy_from(whole, 4) == \
+        model.generate_ids(audio[index], prompts, max_new_tokens=4)
+    with pytest.raises(ValueError, match="audio_index must give"):
+        model.prompt_cache(None, prompts, audio_embeds=tokens, audio_index=[0, 1, 2, 0])
+
+
+def test_prompts_of_two_audios_take_no_audio_index(model: NatureLM) -> None:
+    """Two audios in one prompt: one embeds row per placeholder, as `build_inputs` takes."""
+    audio = chirps(2, 0.9, seed=11)
+    pair = "<Audio><AudioHere></Audio> <Audio><AudioHere></Audio> Same species? Answer:"
+    with torch.no_grad():
+        tokens = model.encode_audio(audio)
+    with pytest.raises(ValueError, match=r"one audio each, these hold \[2\]"):
+        model.prompt_cache(None, [pair], audio_embeds=tokens, audio_index=[0])
+    torch.testing.assert_close(model.prompt_cache(None, [pair], audio_embeds=tokens).logits,
+                               model.prompt_cache(audio, [pair]).logits, atol=1e-4, rtol=1e-4)
