@@ -41,6 +41,7 @@ import numpy as np
 
 from runtime.bundle import Bundle, BundleManifest, load_bundle
 from runtime.errors import InputError
+from runtime.files import atomic_stream
 from runtime.journal import Entry, Journal, file_key
 from runtime.postprocess import (
     Detection,
@@ -58,7 +59,6 @@ from runtime.windows import Window, WindowSpec, iter_windows
 from runtime.writers import (
     CSV_HEADER,
     ERRORS_HEADER,
-    atomic_stream,
     check_formats,
     format_csv_rows,
     format_errors_rows,

@@ -13,26 +13,41 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (same folder temp file, fsync, rename)."""
+@contextmanager
+def atomic_stream(path: str | os.PathLike[str], binary: bool = False) -> Iterator[IO[Any]]:
+    """Write a file of any length piece by piece, atomically: the pieces go to a temporary file
+    beside `path` (mode 0644), which replaces `path` after fsync only if the block ends without
+    an exception; otherwise the temporary file is removed and `path` is untouched. Text is UTF-8
+    with no newline translation."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes 0600 files; outputs must stay readable by other users of the unit.
         os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        handle = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8",
+                                                              newline="")
+        with handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (same folder temp file, fsync, rename)."""
+    with atomic_stream(path, binary=True) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -40,8 +55,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
+def fsync_dir(folder: Path) -> None:
+    """Persist a file's creation, rename or removal in `folder` (POSIX; elsewhere a no-op)."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)

@@ -58,6 +58,7 @@ from runtime.analyze import (
 )
 from runtime.bundle import Bundle, load_bundle
 from runtime.errors import InputError, ManifestError
+from runtime.files import atomic_stream, fsync_dir
 from runtime.journal import Entry, Journal
 from runtime.postprocess import Detection
 from runtime.runners import Runner, open_runner
@@ -65,11 +66,9 @@ from runtime.writers import (
     CSV_HEADER,
     ERRORS_HEADER,
     append_text,
-    atomic_stream,
     format_csv_rows,
     format_errors_rows,
     format_jsonl,
-    fsync_dir,
 )
 
 log = logging.getLogger(__name__)

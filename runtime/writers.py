@@ -22,14 +22,11 @@ import csv
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
 
-from runtime.files import atomic_write_text
+from runtime.files import atomic_write_text, fsync_dir
 from runtime.postprocess import Detection
 from runtime.raven import Selection, format_raven_table
 
@@ -115,27 +112,6 @@ def write_errors(path: str | os.PathLike[str], errors: Iterable[tuple[str, str]]
     atomic_write_text(path, ERRORS_HEADER + format_errors_rows(errors))
 
 
-@contextmanager
-def atomic_stream(path: str | os.PathLike[str]) -> Iterator[TextIO]:
-    """Write a UTF-8 text file of any length piece by piece, atomically: the pieces go to a
-    temporary file beside `path`, which replaces `path` (after fsync) only if the block ends
-    without an exception; otherwise the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def append_text(path: str | os.PathLike[str], text: str, header: str = "") -> int:
     """Append UTF-8 `text` to `path` durably (write, flush, fsync) and return the file's new
     length in bytes. A file that does not exist yet (or is empty) starts with `header`."""
@@ -152,14 +128,3 @@ def append_text(path: str | os.PathLike[str], text: str, header: str = "") -> in
     if created:
         fsync_dir(path.parent)
     return length
-
-
-def fsync_dir(folder: Path) -> None:
-    """Persist a file's creation, rename or removal in `folder` (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
