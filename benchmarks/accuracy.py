@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR
+from benchmarks.harness import RESULTS_DIR, save_figure
 from runtime.errors import InputError, ManifestError
 
 SUMMARY_COLUMNS = ("model", "precision", "score", "agreement", "ece", "latency_ms",
@@ -322,11 +322,7 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,17 @@ class Timing:
         return dataclasses.asdict(self)
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The `q`-th percentile (0..100) with linear interpolation between closest ranks."""
     if not values:

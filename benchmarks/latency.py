@@ -36,6 +36,7 @@ from benchmarks.harness import (
     json_line,
     markdown_table,
     peak_rss_mb,
+    save_figure,
     time_call,
     write_results,
 )
@@ -286,11 +287,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _models_for(bundle: Bundle, backend: str, precisions: Sequence[str] | None,
