@@ -80,8 +80,13 @@ def teacher_rows(model: Any, audio: torch.Tensor, records: Sequence[Record],
         raise ValueError(f"audio_index must give each of the {len(records)} records one of the "
                          f"{audio.shape[0]} clips, got {index}")
     instructions = [r.instruction for r in records]
-    with torch.no_grad():
-        tokens = model.encode_audio(audio)
+    was_training = model.training
+    model.eval()  # generate / score_labels run in eval mode: so does the encoding they share
+    try:
+        with torch.no_grad():
+            tokens = model.encode_audio(audio)
+    finally:
+        model.train(was_training)
     prompt = model.prompt_cache(None, instructions, audio_embeds=tokens, audio_index=index)
     if num_beams == 1:
         answer_ids = model.greedy_from(prompt, max_new_tokens)
@@ -285,7 +290,7 @@ def label(teacher: Path, manifest: Path, out: Path, batch_size: int = 8,
           split: str | None = None, tasks: list[str] | None = None, accelerator: str = "auto",
           devices: str = "auto", strategy: str = "auto", num_nodes: int = 1,
           precision: str = "32-true", num_workers: int = 0, max_new_tokens: int = 24,
-          num_beams: int = 1, resume: bool = True) -> int:
+          num_beams: int = 1, resume: bool = True, num_threads: int = 1) -> int:
     """Label a corpus with the teacher: per clip and task, every label's log-likelihood, the
     generated answer and the teacher's config hash, sharded by rank (resumable).
 
@@ -305,10 +310,16 @@ def label(teacher: Path, manifest: Path, out: Path, batch_size: int = 8,
         max_new_tokens: longest generated answer.
         num_beams: beam width of the generated answer (1 is greedy).
         resume: continue a store that holds shards; with --no-resume such a store is refused.
+        num_threads: torch CPU threads per process while labelling (restored afterwards); 0
+            leaves torch's setting. 1 is the default: the labelling forwards are small, and
+            on a 2-core machine shared with other work one thread labelled about 5x faster
+            than two (`benchmarks.label_speed`); use more processes (--devices) for more cores.
     """
     from teacher.checkpoint import load_teacher
     from teacher.config import config_hash
 
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0 (0: torch's setting), got {num_threads}")
     out = Path(out)
     records, unlabelled = select_records(Path(manifest), split, tasks)
     if not resume and any(out.glob("shards/part-*.jsonl")):
@@ -325,8 +336,14 @@ def label(teacher: Path, manifest: Path, out: Path, batch_size: int = 8,
                          num_nodes=num_nodes, precision=precision, callbacks=[writer],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    trainer.predict(LabelModule(model, max_new_tokens, num_beams), datamodule=data,
-                    return_predictions=False)
+    threads = torch.get_num_threads()
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        trainer.predict(LabelModule(model, max_new_tokens, num_beams), datamodule=data,
+                        return_predictions=False)
+    finally:
+        torch.set_num_threads(threads)
     if trainer.is_global_zero:
         print(f"{out}: {len(records)} clip-tasks, {data.already} already labelled, "
               f"{len(records) - data.already} labelled now (teacher {meta.teacher_hash})"

@@ -459,8 +459,8 @@ class NatureLM(nn.Module):
                    normalize: str = "sum", with_end: bool = True,
                    label_batch_size: int = 256) -> torch.Tensor:
         """`score_token_ids` after cached prompts: ``[B, max candidates]``, ragged rows padded
-        with ``-inf``. The candidates of all rows run together, ``label_batch_size`` sequences
-        per forward, each over its own row of the prompt cache."""
+        with ``-inf``. The candidates of all rows run together, shortest first,
+        ``label_batch_size`` sequences per forward, each over its own row of the prompt cache."""
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
         if len(candidates) != prompt.logits.shape[0]:
@@ -474,6 +474,7 @@ class NatureLM(nn.Module):
                 if not seq:
                     raise ValueError("an empty label has no tokens to score (use with_end=True)")
                 pairs.append((b, j, seq))
+        pairs.sort(key=lambda pair: len(pair[2]))  # similar lengths share a forward: less padding
         width = max(len(row) for row in candidates)
         scores = torch.full((len(candidates), width), -math.inf)
         first = torch.log_softmax(prompt.logits, dim=-1)

@@ -298,3 +298,28 @@ def test_label_batches_are_clips_with_all_their_pending_tasks(corpus: Path) -> N
                         output="Kea", labels=SPECIES, audio=np.zeros(10, np.float32),
                         sample_rate=16000) for i in range(2)]
     assert len(group_by_clip(in_memory)) == 2  # in-memory audio: one clip per record
+
+
+def test_label_threads_are_set_while_labelling_and_restored(corpus: Path, teacher_ckpt: Path,
+                                                            labelled: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    import distill.label as label_module
+
+    seen = []
+    real_rows = label_module.teacher_rows
+
+    def recording_rows(*args: object, **kwargs: object) -> list:
+        seen.append(torch.get_num_threads())
+        return real_rows(*args, **kwargs)
+
+    monkeypatch.setattr(label_module, "teacher_rows", recording_rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        label(teacher_ckpt, corpus, labelled.parent / "threads", batch_size=4, **CPU)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads must be >= 0"):
+        label(teacher_ckpt, corpus, labelled, num_threads=-1, **CPU)

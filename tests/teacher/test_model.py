@@ -142,13 +142,15 @@ def test_beam_search_and_max_new_tokens(model: NatureLM) -> None:
 
 
 def test_default_freeze_policy_trains_only_lora_qformer_and_projection() -> None:
-    cfg = tiny_config(train_llm=False)  # the default policy of TeacherConfig
+    cfg = tiny_config(train_llm=TeacherConfig.train_llm,  # the default policy of TeacherConfig
+                      train_encoder=TeacherConfig.train_encoder)
     assert (cfg.train_encoder, cfg.train_llm) == (TeacherConfig.train_encoder,
                                                   TeacherConfig.train_llm)
     model = tiny_model(cfg=cfg).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(
-        "lora_" in n or n.startswith(("audio_qformer.", "ln_audio.", "audio_llama_proj."))
+        "lora_" in n or n.startswith(("audio_qformer.", "ln_audio.", "audio_llama_proj.",
+                                      "audio_norm."))  # audio_norm: part of the projection
         for n in trainable)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     assert not any(p.requires_grad for p in model.beats.parameters())
