@@ -22,6 +22,14 @@ the neighbourhood, and ``probs[i]`` is the probability mass of the candidates th
 ``labels[i]`` (for the "None" label: the mass of the empty set). The single-label candidates
 are exactly the task's labels, so ``scores`` comes from the same forward passes.
 
+Cost: for a "None" answer the neighbourhood is the single labels themselves; an answer naming
+species adds about one candidate per label (``G``, its additions and removals), each a few
+tokens longer than a single label. They run in the same batched forwards as every other task's
+labels, shortest first (`teacher.model.NatureLM.score_from`). Measured on the tiny teacher
+with answers naming 1-2 species, 8 clips of 5 tasks: 384 instead of 200 detection candidates,
+357 instead of 186 ms for scoring all of their tasks, against about 250 ms to encode the
+8 clips (`benchmarks.label_speed` measures the whole step).
+
 Writing is resumable: shards are renamed into place only when complete, so after a kill every
 shard on disk is whole, `done_keys` lists what is already there, and a restart labels the rest
 without duplicates.
