@@ -33,14 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS_RECORDS = 7610  # the default synthetic corpus (1,600 clips x up to 5 tasks)
 
 CHILD = """
-import os, sys, time
+import inspect, os, sys, time
 sys.path.insert(0, {tree!r})
 import torch
 torch.set_num_threads({threads})
 from distill.label import label
+# label() sets its own thread count where it has the option (older checkouts do not)
+threads = {{"num_threads": {threads}}} if "num_threads" in inspect.signature(label).parameters \
+    else {{}}
 start = time.perf_counter()
 label({teacher!r}, {manifest!r}, {out!r}, batch_size={batch_size}, accelerator="cpu",
-      devices="{processes}", strategy={strategy!r}, max_new_tokens={max_new_tokens})
+      devices="{processes}", strategy={strategy!r}, max_new_tokens={max_new_tokens}, **threads)
 if os.environ.get("LOCAL_RANK", "0") == "0":
     print("LABEL_SECONDS", time.perf_counter() - start, flush=True)
 """

@@ -1,15 +1,19 @@
 """`naturelm-edge distill label`: run the teacher over a corpus and write a target store.
 
 Lightning prediction: `LabelModule` wraps the teacher, `LabelDataModule` serves the records that
-have no target yet, and `TargetWriter` (a `BasePredictionWriter`) writes every batch of every
-rank as its own shard (`distill.targets`). Many GPUs or nodes are a Trainer ``devices`` /
-``num_nodes`` / ``strategy`` away; Lightning's prediction sampler never repeats a record across
-ranks. What is already in the store is computed on every rank in ``setup``, before the setup
-barrier and before anything is written, so all ranks agree on the work left.
+have no target yet, grouped by clip (`clip_key`: one item is a clip with all of its pending
+tasks), and `TargetWriter` (a `BasePredictionWriter`) writes every batch of every rank as its
+own shard (`distill.targets`). Many GPUs or nodes are a Trainer ``devices`` / ``num_nodes`` /
+``strategy`` away; Lightning's prediction sampler never repeats a clip across ranks. What is
+already in the store is computed on every rank in ``setup``, before the setup barrier and
+before anything is written, so all ranks agree on the work left.
 
-For every record: the greedy answer (`NatureLM.generate`), the log-likelihood of every label
-(`NatureLM.score_labels`, ``normalize="sum"``) and, for detection, the per-label presence
-probabilities of `distill.targets.marginal_probs`.
+For every record: the greedy answer (what `NatureLM.generate` says), the log-likelihood of every
+label (what `NatureLM.score_labels` says, ``normalize="sum"``) and, for detection, the per-label
+presence probabilities of `distill.targets.marginal_probs`. A batch costs one encoding per clip,
+one run of the prompt up to the audio per clip, one run of the rest of each record's prompt
+(shared by its answer and its candidates), greedy steps for the batch, and batched candidate
+forwards (`teacher_rows`).
 
     $ naturelm-edge distill label runs/teacher-tiny/teacher.ckpt corpus/manifest.jsonl \\
           runs/targets --batch-size 8 --devices 2 --strategy ddp
