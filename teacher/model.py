@@ -157,7 +157,16 @@ class NatureLM(nn.Module):
         self.llama_model = build_llm(cfg, len(tokenizer))
         llm_width = self.llama_model.get_input_embeddings().weight.shape[1]
         self.audio_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm_width)
+        # A from-scratch LM (tiny preset) needs audio tokens on its text embeddings' scale: a
+        # LayerNorm whose gain starts at their RMS. NatureLM-audio has none (cfg.audio_norm off).
+        self.audio_norm: nn.LayerNorm | None = None
+        if cfg.audio_norm:
+            self.audio_norm = nn.LayerNorm(llm_width)
+            text_rms = self.llama_model.get_input_embeddings().weight.detach().float()
+            nn.init.constant_(self.audio_norm.weight, float(text_rms.pow(2).mean().sqrt()))
         self.apply_freeze_policy()
+        if self.audio_norm is not None:  # part of the projection for the freeze policy
+            self.audio_norm.requires_grad_(cfg.train_projection)
         # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
         base = getattr(self.llama_model, "get_base_model", lambda: self.llama_model)()
         params = inspect.signature(base.forward).parameters
@@ -231,12 +240,22 @@ class NatureLM(nn.Module):
         wave = self.fit_clip(audio, truncate=truncate)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_encoder):
             features, mask = self.beats(wave)
-        tokens = self.audio_qformer(self.ln_audio(features), mask)
-        return self.audio_llama_proj(tokens).to(self.embed_dtype)
+        tokens = self.audio_llama_proj(self.audio_qformer(self.ln_audio(features), mask))
+        if self.audio_norm is not None:
+            tokens = self.audio_norm(tokens)
+        return tokens.to(self.embed_dtype)
 
     # -- prompts ------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of ``text`` (memoised: labelling tokenises the same labels and prompt
+        parts for every record)."""
+        ids = self._id_memo.get(text)
+        if ids is None:
+            if len(self._id_memo) >= ID_MEMO_SIZE:
+                self._id_memo.clear()
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._id_memo[text] = ids
+        return list(ids)
 
     def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         table = self.llama_model.get_input_embeddings()
