@@ -97,6 +97,7 @@ class WindowedQFormer(nn.Module):
             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
             layer_norm_eps=cfg.layer_norm_eps, cross_attention_frequency=1,
             encoder_hidden_size=encoder_dim, use_qformer_text_input=False,
+            initializer_range=cfg.initializer_range,
         )
         bert._attn_implementation = "eager"
         self.qformer = Blip2QFormerModel(bert)
