@@ -14,7 +14,10 @@ trains, the others receive it); a preset with a local LLM path uses that model's
 `TeacherDataModule` reads a manifest (`corpus.manifest.read_manifest`), decodes 16 kHz mono
 clips through `runtime.audio.read_audio`, crops (random in training) or zero-pads to exactly
 ``clip_s``, samples the tasks evenly, mixes in background noise at a random SNR, and replaces
-detection examples by background alone answered "None" with probability ``none_prob``.
+detection examples by background alone answered "None" with probability ``none_prob``. With
+``group_by_clip`` a batch holds whole clips with all their tasks (`ClipGroupDataset`): each clip
+goes through the encoder, Q-Former and projection once per step and its audio tokens serve every
+task, which is what makes training the encoder affordable (the tiny preset does).
 
     $ naturelm-edge teacher fit --config tiny --data.manifest runs/default/corpus/manifest.jsonl
 
@@ -36,7 +39,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    WeightedRandomSampler,
+)
 
 from corpus.records import Record
 from corpus.tasks import NONE_LABEL, TASKS
@@ -136,6 +145,24 @@ class EncoderCache:
             del encoder.forward
 
 
+@contextlib.contextmanager
+def serving_audio_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``model.encode_audio(audio)`` returns ``tokens`` (computed beforehand,
+    gradients included) for a batch of exactly ``tokens.shape[0]`` audios."""
+    def encode_audio(audio: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+        rows = 1 if audio.dim() == 1 else audio.shape[0]
+        if rows != tokens.shape[0]:
+            raise ValueError(f"encode_audio got {rows} audios but serves {tokens.shape[0]} "
+                             "precomputed rows")
+        return tokens
+
+    model.encode_audio = encode_audio
+    try:
+        yield
+    finally:
+        del model.encode_audio
+
+
 def check_data_matches(cfg: Any, datamodule: TeacherDataModule) -> None:
     """Raise when the data's rate or clip length differs from the teacher config's."""
     hp = datamodule.hparams
@@ -220,11 +247,26 @@ class TeacherModule(pl.LightningModule):
     # -- steps ----------------------------------------------------------------------------
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         model = self._require_model()
+        if "clip_index" in batch:
+            return self._grouped_loss(model, batch)
         keys = batch.get("cache_key")
         if self.encoder_cache is None or keys is None:
             return model(batch["audio"], batch["instruction"], batch["answer"])
         with self.encoder_cache.serving(model.beats, keys):
             return model(batch["audio"], batch["instruction"], batch["answer"])
+
+    def _grouped_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of a `collate_groups` batch: each clip goes through the encoder, Q-Former and
+        projection once (with gradients where they train) and its audio tokens serve every
+        example of that clip."""
+        wave = model.fit_clip(batch["audio"], truncate=True)
+        with contextlib.ExitStack() as stack:
+            if self.encoder_cache is not None:
+                stack.enter_context(self.encoder_cache.serving(model.beats, batch["cache_key"]))
+            tokens = model.encode_audio(wave)
+        index = torch.as_tensor(batch["clip_index"], dtype=torch.long, device=wave.device)
+        with serving_audio_tokens(model, tokens[index]):
+            return model(wave[index], batch["instruction"], batch["answer"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -435,6 +477,75 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class ClipGroupDataset(Dataset):
+    """Clips with all their tasks: item ``i`` is one clip and every record of it.
+
+    A training step then encodes each clip once for all its tasks (what makes a trained
+    encoder affordable: one encoder pass per clip instead of one per example) and the clip's
+    examples share one random crop and one noise mix. A detection example that becomes
+    background (probability ``none_prob``) brings its background as a second clip. Items are
+    ``{"clips": [T] tensors, "cache_key": one per clip, "examples": [{"clip", "instruction",
+    "answer", "task", "id"}]}``; `collate_groups` batches them.
+    """
+
+    def __init__(self, records: Sequence[Record], sample_rate: int, clip_s: float,
+                 augment: bool, noise_prob: float = 0.0, snr_db: tuple[float, float] = (5, 30),
+                 none_prob: float = 0.0, backgrounds: Sequence[Record] = (),
+                 cache_audio: bool = True) -> None:
+        self.base = ClipDataset(records, sample_rate, clip_s, augment, noise_prob, snr_db,
+                                none_prob, backgrounds, cache_audio)
+        groups: dict[str, list[Record]] = {}
+        for record in records:
+            groups.setdefault(_clip_key(record), []).append(record)
+        self.groups = list(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        base = self.base
+        records = self.groups[index]
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item())) \
+            if base.augment else None
+        full = base._clip(records[0])
+        audio = fit_length(full, base.samples, rng)
+        key = None if rng is not None and full.shape[0] > base.samples \
+            else _clip_key(records[0])
+        if rng is not None and rng.random() < base.noise_prob:
+            audio = mix_at_snr(audio, base._background(rng), float(rng.uniform(*base.snr_db)))
+            key = None
+        clips, keys, examples = [audio], [key], []
+        for record in records:
+            clip, answer = 0, record.output
+            if rng is not None and is_multi_label(record.task) and rng.random() < base.none_prob:
+                clips.append(base._background(rng))
+                keys.append(None)
+                clip, answer = len(clips) - 1, NONE_LABEL
+            examples.append({"clip": clip, "instruction": record.instruction, "answer": answer,
+                             "task": record.task, "id": record.id})
+        return {"clips": [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+                          for c in clips], "cache_key": keys, "examples": examples}
+
+
+def collate_groups(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`ClipGroupDataset` items as one batch: ``audio[C, T]`` (every clip once), ``cache_key``
+    per clip, and per example ``clip_index`` (its row of ``audio``), ``instruction``,
+    ``answer``, ``task`` and ``id``."""
+    clips: list[torch.Tensor] = []
+    out: dict[str, Any] = {"cache_key": [], "clip_index": [], "instruction": [], "answer": [],
+                           "task": [], "id": []}
+    for item in items:
+        offset = len(clips)
+        clips.extend(item["clips"])
+        out["cache_key"].extend(item["cache_key"])
+        for example in item["examples"]:
+            out["clip_index"].append(offset + example["clip"])
+            for key in ("instruction", "answer", "task", "id"):
+                out[key].append(example[key])
+    out["audio"] = torch.stack(clips)
+    return out
+
+
 def task_balanced_weights(records: Sequence[Record]) -> torch.Tensor:
     """Per-record sampling weights giving every task the same total weight."""
     counts = Counter(r.task for r in records)
@@ -459,6 +570,10 @@ class TeacherDataModule(pl.LightningDataModule):
         train_split: split trained on.
         val_split: split validated on (skipped when it has no records).
         cache_audio: keep decoded clips in memory (a corpus reuses each clip across tasks).
+        group_by_clip: batch whole clips with all their tasks (`ClipGroupDataset`), so each
+            clip is encoded once per step for every task; ``batch_size`` and
+            ``samples_per_epoch`` then count clips, and clips are drawn uniformly
+            (``balance_tasks`` does not apply: every clip brings all its tasks).
     """
 
     def __init__(self, manifest: str, batch_size: int = 8, num_workers: int = 0,
@@ -467,7 +582,7 @@ class TeacherDataModule(pl.LightningDataModule):
                  samples_per_epoch: int | None = None, noise_prob: float = 0.3,
                  snr_db: tuple[float, float] = (5.0, 30.0), none_prob: float = 0.1,
                  train_split: str = "train", val_split: str = "valid",
-                 cache_audio: bool = True) -> None:
+                 cache_audio: bool = True, group_by_clip: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._records: list[Record] | None = None
@@ -512,24 +627,31 @@ class TeacherDataModule(pl.LightningDataModule):
             from runtime.errors import ManifestError
 
             raise ManifestError(hp.manifest, f"no records in split {hp.train_split!r}")
-        dataset = ClipDataset(records, hp.sample_rate, hp.clip_s, augment=True,
-                              noise_prob=hp.noise_prob, snr_db=tuple(hp.snr_db),
-                              none_prob=hp.none_prob, backgrounds=self.backgrounds(),
-                              cache_audio=hp.cache_audio)
-        n = hp.samples_per_epoch or len(records)
-        weights = task_balanced_weights(records) if hp.balance_tasks \
-            else torch.ones(len(records), dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, num_samples=n, replacement=True)
+        kind = ClipGroupDataset if hp.group_by_clip else ClipDataset
+        dataset = kind(records, hp.sample_rate, hp.clip_s, augment=True,
+                       noise_prob=hp.noise_prob, snr_db=tuple(hp.snr_db),
+                       none_prob=hp.none_prob, backgrounds=self.backgrounds(),
+                       cache_audio=hp.cache_audio)
+        n = hp.samples_per_epoch or len(dataset)
+        if hp.group_by_clip:  # every clip once per pass, in a fresh order each pass
+            sampler: Sampler = RandomSampler(dataset, num_samples=n)
+        else:
+            weights = task_balanced_weights(records) if hp.balance_tasks \
+                else torch.ones(len(records), dtype=torch.double)
+            sampler = WeightedRandomSampler(weights, num_samples=n, replacement=True)
         return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler,
-                          num_workers=hp.num_workers, collate_fn=collate, drop_last=True,
-                          persistent_workers=hp.num_workers > 0)
+                          num_workers=hp.num_workers,
+                          collate_fn=collate_groups if hp.group_by_clip else collate,
+                          drop_last=True, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         hp = self.hparams
         records = self.split(hp.val_split)
         if not records:
             return []
-        dataset = ClipDataset(records, hp.sample_rate, hp.clip_s, augment=False,
-                              cache_audio=hp.cache_audio)
+        kind = ClipGroupDataset if hp.group_by_clip else ClipDataset
+        dataset = kind(records, hp.sample_rate, hp.clip_s, augment=False,
+                       cache_audio=hp.cache_audio)
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=False,
-                          num_workers=hp.num_workers, collate_fn=collate)
+                          num_workers=hp.num_workers,
+                          collate_fn=collate_groups if hp.group_by_clip else collate)

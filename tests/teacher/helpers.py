@@ -36,8 +36,10 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_config(clip_s: float = 1.0, **changes: Any) -> TeacherConfig:
-    """The tiny preset with short clips (fast tests); ``changes`` replace top-level fields."""
-    return teacher_config("tiny").replace(clip_s=clip_s, **changes)
+    """The tiny preset with short clips (fast tests) in the official model's layout: without the
+    tiny preset's ``audio_norm``, so state dicts with the official names load into it.
+    ``changes`` replace top-level fields (``audio_norm=True`` gives the preset's own layout)."""
+    return teacher_config("tiny").replace(**{"clip_s": clip_s, "audio_norm": False, **changes})
 
 
 def tiny_model(seed: int = 0, cfg: TeacherConfig | None = None) -> NatureLM:

@@ -46,3 +46,30 @@ def test_unknown_override_raises_naming_the_field() -> None:
         resolve_config("tiny", {"llm": {"layers": 3}})
     with pytest.raises(KeyError, match="unknown teacher preset 'huge'"):
         resolve_config("huge")
+
+
+def test_tiny_audio_tokens_start_on_the_text_scale_and_vary_across_clips() -> None:
+    import torch
+
+    from tests.teacher.helpers import chirps, tiny_config, tiny_model
+
+    model = tiny_model(cfg=tiny_config(audio_norm=True))
+    assert model.cfg.audio_norm and model.audio_norm is not None
+    text = model.llama_model.get_input_embeddings().weight
+    text_norm = float(text.norm(dim=-1).mean())
+    with torch.no_grad():
+        tokens = model.encode_audio(chirps(4, 1.0))
+    audio_norm = float(tokens.norm(dim=-1).mean())
+    assert 0.8 < audio_norm / text_norm < 1.25  # same scale as the text (was ~70x larger)
+    spread = (tokens - tokens.mean(0)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean()
+    assert float(spread) > 0.2  # the clips stay apart (the BERT init left them within 2%)
+    assert model.audio_norm.weight.requires_grad == model.cfg.train_projection
+
+
+def test_naturelm_8b_stays_faithful_to_the_official_model() -> None:
+    from teacher.config import teacher_config
+
+    cfg = teacher_config("naturelm-8b")
+    assert not cfg.audio_norm and not cfg.train_encoder and not cfg.train_llm
+    assert cfg.qformer.initializer_range == 0.02 and cfg.qformer.hidden_size == 768
+    assert cfg.encoder.encoder_embed_dim == 768 and cfg.encoder.conv_pos == 128

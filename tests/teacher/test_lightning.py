@@ -20,6 +20,7 @@ from runtime.errors import InputError
 from teacher.checkpoint import load_teacher, read_checkpoint
 from teacher.lightning import (
     ClipDataset,
+    ClipGroupDataset,
     EncoderCache,
     TeacherDataModule,
     TeacherModule,
@@ -39,6 +40,8 @@ SMALL = {"clip_s": CLIP_S,
          "qformer": {"num_layers": 1},
          "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128,
                  "num_heads": 2, "num_kv_heads": 1}}
+# The same with the encoder frozen (the freeze policy and the frozen-encoder cache).
+FROZEN = {**SMALL, "train_encoder": False}
 
 
 def _call(species: str | None, rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -164,7 +167,7 @@ def test_cache_keys_only_for_unaugmented_clips(corpus: Path) -> None:
 
 def test_encoder_cache_gives_the_same_loss(corpus: Path) -> None:
     torch.manual_seed(0)
-    module = TeacherModule(config=SMALL, cache_encoder=True)
+    module = TeacherModule(config=FROZEN, cache_encoder=True)
     dm = _datamodule(corpus, noise_prob=0.0, none_prob=0.0)
     module.build(_tokenizer(dm))
     model = module.model.eval()
@@ -221,7 +224,7 @@ def test_data_and_teacher_clip_must_agree(corpus: Path, tmp_path: Path) -> None:
 
 def _fit(corpus: Path, root: Path, steps: int) -> tuple[TeacherModule, Path]:
     pl.seed_everything(0)
-    module = TeacherModule(config=SMALL, lr=3e-3, warmup_steps=2)
+    module = TeacherModule(config=FROZEN, lr=3e-3, warmup_steps=2)
     dm = _datamodule(corpus)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root, filename="teacher")
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
@@ -339,3 +342,63 @@ def test_cli_fit_then_eval(corpus: Path, tmp_path: Path, capsys: pytest.CaptureF
     again = json.loads((tmp_path / "p.json").read_text())
     for task, metrics in payload["results"].items():
         assert again["results"][task] == pytest.approx(metrics, abs=1e-4), task
+
+
+def test_grouped_batches_hold_each_clip_once_with_all_its_tasks(corpus: Path) -> None:
+    dm = _datamodule(corpus, noise_prob=0.0, none_prob=0.0, group_by_clip=True)
+    records = dm.split("train")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["audio"].shape == (4, int(CLIP_S * RATE))  # batch_size counts clips
+    assert len(set(batch["cache_key"])) == 4
+    by_id = {r.id: r for r in records}
+    for i, rid in enumerate(batch["id"]):
+        record = by_id[rid]
+        assert batch["answer"][i] == record.output and batch["task"][i] == record.task
+        file_audio, _ = sf.read(record.file_name, dtype="float32")
+        row = batch["audio"][batch["clip_index"][i]]
+        np.testing.assert_allclose(row[:file_audio.shape[0]].numpy(), file_audio, atol=1e-6)
+    for key in batch["cache_key"]:  # every task of a drawn clip comes along
+        clip_tasks = {r.task for r in records if r.file_name == key.split("|")[0]}
+        rows = [i for i, c in enumerate(batch["clip_index"]) if batch["cache_key"][c] == key]
+        assert sorted(batch["task"][i] for i in rows) == sorted(clip_tasks)
+
+
+def test_grouped_detection_background_is_an_extra_clip(corpus: Path) -> None:
+    dm = _datamodule(corpus)
+    dataset = ClipGroupDataset(dm.split("train"), RATE, CLIP_S, augment=True, none_prob=1.0,
+                               backgrounds=dm.backgrounds())
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for example in item["examples"]:
+            if example["task"] == "detection":
+                assert example["answer"] == "None" and example["clip"] >= 1
+                assert item["cache_key"][example["clip"]] is None
+                assert float(item["clips"][example["clip"]].abs().max()) < 0.1
+            else:
+                assert example["clip"] == 0
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_grouped_loss_equals_the_per_example_loss(corpus: Path, train_encoder: bool) -> None:
+    torch.manual_seed(0)
+    module = TeacherModule(config={**SMALL, "train_encoder": train_encoder},
+                           cache_encoder=not train_encoder)
+    dm = _datamodule(corpus, noise_prob=0.0, none_prob=0.0, group_by_clip=True)
+    module.build(_tokenizer(dm))
+    model = module.model.eval()
+    batch = next(iter(dm.train_dataloader()))
+    calls = []
+    hook = model.beats.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    grouped = module._loss(batch)
+    hook.remove()
+    if train_encoder:  # the encoder ran once, on the 4 clips, for all their examples
+        assert calls == [4]
+    else:  # the frozen encoder's cache encoded the 4 clips, once each
+        assert calls == [4] and len(module.encoder_cache) == 4
+    plain = model(batch["audio"][batch["clip_index"]], batch["instruction"], batch["answer"])
+    assert torch.allclose(grouped, plain, atol=1e-5)
+    assert "forward" not in vars(model.beats) and "encode_audio" not in vars(model)
+    if train_encoder:
+        grouped.backward()
+        grads = [p.grad for p in model.beats.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads)
