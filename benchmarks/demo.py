@@ -358,7 +358,7 @@ def stage_targets(o: Options, corpus: Mapping[str, Any],
     folder = o.out / "targets"
     label(Path(teacher["checkpoint"]), Path(corpus["manifest"]), folder,
           accelerator=o.accelerator, devices=str(o.devices),
-          max_new_tokens=o.plan.max_new_tokens, resume=True)
+          max_new_tokens=o.plan.max_new_tokens, resume=True, num_threads=o.threads or 1)
     store = TargetStore(folder)
     return {"targets": str(folder), "rows": len(store), "teacher_hash": store.teacher_hash}
 
