@@ -1,0 +1,316 @@
+"""Supervised pretraining of the teacher's BEATs encoder on a corpus's clip-level labels.
+
+NatureLM-audio starts from a *pretrained* BEATs (BEATs_iter3_plus_AS2M: self-supervised, then
+fine-tuned on AudioSet labels). Offline nothing comparable exists for the ``tiny`` preset,
+so this module is the analogue of the AudioSet fine-tuning: the preset's encoder, mean
+pooling over its tokens and one linear head per task, trained on the manifest's clips with
+cross-entropy (single-label tasks: species, life stage, call type, count) and binary
+cross-entropy (multi-label tasks: detection, multi-hot over its labels). The encoder is
+saved in the official BEATs checkpoint format ``{"cfg": ..., "model": ...}``, so
+:func:`teacher.beats.load_beats` (and a teacher built on the same encoder config) reads it.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from teacher.pretrain import clip_targets
+    >>> from corpus.records import Record
+    >>> recs = [Record(id="a.s", task="species", instruction="", output="Kea",
+    ...                labels=("Kea", "Tui"), file_name="a.flac"),
+    ...         Record(id="a.d", task="detection", instruction="", output="Kea, Tui",
+    ...                labels=("Kea", "Tui", "None"), file_name="a.flac")]
+    >>> clips, heads = clip_targets(recs)
+    >>> len(clips), heads["species"].labels, clips[0].targets["detection"]
+    (1, ('Kea', 'Tui'), (0, 1))
+
+Command line (the figures are printed per epoch; a few minutes on one CPU thread):
+
+    python -c "from pathlib import Path; from teacher.pretrain import pretrain_encoder; \
+pretrain_encoder(Path('/tmp/synth/manifest.jsonl'), Path('runs/beats-tiny.pt'))"
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from corpus.records import Record
+from runtime.errors import ManifestError
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """One task's label vocabulary and kind (multi-label: a multi-hot target)."""
+
+    name: str
+    labels: tuple[str, ...]
+    multi_label: bool
+
+
+@dataclass(frozen=True)
+class ClipTargets:
+    """One clip (its first record locates the audio) and its target per task.
+
+    Single-label tasks map to a class index; multi-label tasks to the indices present.
+    """
+
+    record: Record
+    split: str
+    targets: dict[str, int | tuple[int, ...]]
+
+
+def _answer_parts(output: str) -> list[str]:
+    return [part.strip() for part in output.split(",") if part.strip()]
+
+
+def clip_targets(records: Sequence[Record]) -> tuple[list[ClipTargets], dict[str, TaskHead]]:
+    """Group ``records`` by clip and turn each task's answer into a target.
+
+    A task's vocabulary is the union of its records' ``labels`` in order of first
+    appearance. An answer outside its record's labels raises ``ManifestError``.
+    """
+    from distill.label import group_by_clip
+    from teacher.lightning import is_multi_label
+
+    vocab: dict[str, dict[str, int]] = {}
+    for record in records:
+        names = vocab.setdefault(record.task, {})
+        for label in record.labels:
+            names.setdefault(label, len(names))
+    heads = {task: TaskHead(task, tuple(names), is_multi_label(task))
+             for task, names in vocab.items()}
+    clips: list[ClipTargets] = []
+    for group in group_by_clip(records):
+        targets: dict[str, int | tuple[int, ...]] = {}
+        for record in group:
+            names = vocab[record.task]
+            parts = _answer_parts(record.output) if heads[record.task].multi_label \
+                else [record.output.strip()]
+            unknown = [p for p in parts if p not in names]
+            if unknown or not parts:
+                raise ManifestError(
+                    record.file_name or record.id,
+                    f"record {record.id!r}: answer {record.output!r} is not among its labels "
+                    f"({', '.join(record.labels) or 'none given'})")
+            if heads[record.task].multi_label:
+                targets[record.task] = tuple(sorted(names[p] for p in parts))
+            else:
+                targets[record.task] = names[parts[0]]
+        clips.append(ClipTargets(group[0], group[0].split, targets))
+    return clips, heads
+
+
+def _target_tensors(clips: Sequence[ClipTargets], heads: dict[str, TaskHead]) -> dict[str, Any]:
+    """Per task: class indices (``-100`` where a clip lacks the task) or multi-hot rows with
+    a presence mask."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for task, head in heads.items():
+        if head.multi_label:
+            hot = torch.zeros(len(clips), len(head.labels))
+            present = torch.zeros(len(clips), dtype=torch.bool)
+            for i, clip in enumerate(clips):
+                if task in clip.targets:
+                    present[i] = True
+                    hot[i, list(clip.targets[task])] = 1.0  # type: ignore[arg-type]
+            out[task] = (hot, present)
+        else:
+            out[task] = torch.tensor([int(clip.targets.get(task, -100)) for clip in clips])
+    return out
+
+
+def load_waves(clips: Sequence[ClipTargets], sample_rate: int, samples: int) -> Any:
+    """``[clips, samples]`` float16 waveforms, each cut (from its start) or zero-padded."""
+    import torch
+
+    from teacher.lightning import fit_length, load_clip
+
+    waves = torch.empty(len(clips), samples, dtype=torch.float16)
+    for i, clip in enumerate(clips):
+        audio = fit_length(load_clip(clip.record, sample_rate), samples, None)
+        waves[i] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    return waves
+
+
+def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead]) -> Any:
+    """BEATs(``encoder_cfg``) + mean pooling + one linear head per task (an ``nn.Module``
+    whose ``forward(wave)`` returns ``(pooled [B, D], {task: logits})``)."""
+    import torch
+    from torch import nn
+
+    from teacher.beats import BEATs
+
+    class _Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.beats = BEATs(encoder_cfg)
+            width = encoder_cfg.encoder_embed_dim
+            self.heads = nn.ModuleDict({t: nn.Linear(width, len(h.labels))
+                                        for t, h in heads.items()})
+
+        def pooled(self, wave: torch.Tensor) -> torch.Tensor:
+            features, _ = self.beats(wave)
+            return features.mean(dim=1)
+
+        def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            pooled = self.pooled(wave)
+            return pooled, {t: head(pooled) for t, head in self.heads.items()}
+
+    return _Model()
+
+
+def _loss(logits: dict[str, Any], targets: dict[str, Any], index: Any,
+          heads: dict[str, TaskHead]) -> Any:
+    import torch.nn.functional as F  # noqa: N812
+
+    total = logits[next(iter(logits))].new_zeros(())
+    for task, head in heads.items():
+        if head.multi_label:
+            hot, present = targets[task]
+            hot, present = hot[index], present[index]
+            if present.any():
+                total = total + F.binary_cross_entropy_with_logits(
+                    logits[task][present], hot[present])
+        else:
+            target = targets[task][index]
+            if (target >= 0).any():
+                total = total + F.cross_entropy(logits[task], target, ignore_index=-100)
+    return total
+
+
+def evaluate(model: Any, waves: Any, targets: dict[str, Any], heads: dict[str, TaskHead],
+             batch_size: int) -> dict[str, float]:
+    """Per task: accuracy (single-label) or micro-F1 at probability 0.5 (multi-label)."""
+    import torch
+
+    model.eval()
+    outs: dict[str, list[torch.Tensor]] = {t: [] for t in heads}
+    with torch.no_grad():
+        for start in range(0, waves.shape[0], batch_size):
+            _, logits = model(waves[start:start + batch_size].float())
+            for task in heads:
+                outs[task].append(logits[task])
+    model.train()
+    metrics: dict[str, float] = {}
+    for task, head in heads.items():
+        logits = torch.cat(outs[task])
+        if head.multi_label:
+            hot, present = targets[task]
+            pred = (logits[present] > 0).float()
+            truth = hot[present]
+            tp = float((pred * truth).sum())
+            denom = float(pred.sum() + truth.sum())
+            metrics[task] = 2.0 * tp / denom if denom > 0 else float("nan")
+        else:
+            target = targets[task]
+            keep = target >= 0
+            metrics[task] = float((logits[keep].argmax(-1) == target[keep]).float().mean()) \
+                if keep.any() else float("nan")
+    return metrics
+
+
+def _format(metrics: dict[str, float], heads: dict[str, TaskHead]) -> str:
+    return "  ".join(f"{t} {'F1' if heads[t].multi_label else 'acc'} {v:.3f}"
+                     for t, v in metrics.items())
+
+
+def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 8,
+                     batch_size: int = 16, lr: float = 2e-3, num_threads: int = 1,
+                     max_minutes: float | None = None, weight_decay: float = 0.01,
+                     warmup_steps: int = 30, train_split: str = "train",
+                     val_split: str = "valid", seed: int = 0,
+                     clip_s: float | None = None) -> int:
+    """Train the ``preset`` teacher's encoder on the clip labels of ``manifest``; save it.
+
+    The encoder config is the teacher preset's (``teacher.config.teacher_config(preset)``;
+    unknown names raise), clips are cut or zero-padded to its ``clip_s`` (or ``clip_s`` given
+    here) at its rate. AdamW
+    with linear warm-up and cosine decay over ``epochs`` (stopping early once
+    ``max_minutes`` have passed); per-task validation figures are printed after each epoch
+    and stored in the checkpoint under ``"pretrain"``. Writes ``out`` atomically as
+    ``{"cfg", "model", "pretrain"}``; returns 0.
+    """
+    import torch
+
+    from corpus.manifest import read_manifest
+    from runtime.files import atomic_stream
+    from teacher.beats import beats_state_dict_keys
+    from teacher.config import teacher_config
+    from teacher.lightning import warmup_cosine
+
+    if epochs < 1 or batch_size < 1 or num_threads < 1:
+        raise ValueError("epochs, batch_size and num_threads must be at least 1")
+    cfg = teacher_config(preset)
+    samples = cfg.clip_samples if clip_s is None else int(round(clip_s * cfg.sample_rate))
+    records = read_manifest(manifest)
+    clips, heads = clip_targets(records)
+    train = [c for c in clips if c.split == train_split]
+    val = [c for c in clips if c.split == val_split]
+    if not train:
+        raise ManifestError(manifest, f"no clips in split {train_split!r}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        torch.manual_seed(seed)
+        started = time.monotonic()
+        train_waves = load_waves(train, cfg.sample_rate, samples)
+        val_waves = load_waves(val, cfg.sample_rate, samples)
+        train_targets = _target_tensors(train, heads)
+        val_targets = _target_tensors(val, heads)
+        print(f"pretrain {preset}: {len(train)} train / {len(val)} val clips loaded in "
+              f"{time.monotonic() - started:.0f} s; tasks "
+              + ", ".join(f"{t} ({len(h.labels)})" for t, h in heads.items()), flush=True)
+        model = build_pretrain_model(cfg.encoder, heads)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                      betas=(0.9, 0.98))
+        steps_per_epoch = math.ceil(len(train) / batch_size)
+        total = steps_per_epoch * epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, warmup_steps, total, 0.05))
+        generator = torch.Generator().manual_seed(seed)
+        metrics: dict[str, float] = {}
+        history: list[dict[str, float]] = []
+        started = time.monotonic()
+        model.train()
+        for epoch in range(epochs):
+            order = torch.randperm(len(train), generator=generator)
+            running = 0.0
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size:(step + 1) * batch_size]
+                _, logits = model(train_waves[index].float())
+                loss = _loss(logits, train_targets, index, heads)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                running += float(loss.detach())
+            minutes = (time.monotonic() - started) / 60.0
+            metrics = evaluate(model, val_waves, val_targets, heads, batch_size) if val else {}
+            history.append({"epoch": float(epoch + 1), "loss": running / steps_per_epoch,
+                            "minutes": minutes, **metrics})
+            print(f"epoch {epoch + 1}/{epochs} {minutes:.1f} min loss "
+                  f"{running / steps_per_epoch:.3f}  val {_format(metrics, heads)}", flush=True)
+            if max_minutes is not None and minutes >= max_minutes:
+                break
+        state = {k: v.detach().clone() for k, v in model.beats.state_dict().items()}
+        checkpoint = {
+            "cfg": cfg.encoder.to_dict(),
+            "model": beats_state_dict_keys(state),
+            "pretrain": {"preset": preset, "manifest": os.fspath(manifest),
+                         "tasks": {t: list(h.labels) for t, h in heads.items()},
+                         "history": history},
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_stream(out, binary=True) as handle:
+            torch.save(checkpoint, handle)
+        print(f"saved encoder to {out}", flush=True)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return 0
