@@ -15,6 +15,7 @@ that local model directory when the teacher is rebuilt.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,78 @@ def frozen_llm_keys(model: torch.nn.Module) -> list[str]:
             keys.extend(f"{child_name}.{name}" for name, param in child.named_parameters()
                         if not param.requires_grad)
     return keys
+
+
+def embedding_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the language model's input and output embedding matrices."""
+    llm = model.llama_model
+    targets = [m for m in (llm.get_input_embeddings(), llm.get_output_embeddings())
+               if m is not None]
+    return sorted({f"{name}.weight" for name, module in model.named_modules()
+                   if any(module is t for t in targets)})
+
+
+def local_llm_keys(model: torch.nn.Module, overridden: Iterable[str] = ()) -> list[str]:
+    """Frozen LLM weights that a rebuild from the local LLM (``cfg.llm.path``) reproduces.
+
+    Those are `frozen_llm_keys` minus ``overridden`` (tensors loaded over the local model, e.g.
+    from the official file) and minus the embedding matrices when their rows differ from the
+    local model's ``vocab_size`` (resized rows are not in the folder). Empty without a local LLM.
+    """
+    from transformers import AutoConfig
+
+    if model.cfg.llm.path is None:
+        return []
+    skip = set(overridden)
+    rows = AutoConfig.from_pretrained(model.cfg.llm.path, local_files_only=True).vocab_size
+    if model.llama_model.get_input_embeddings().weight.shape[0] != rows:
+        skip.update(embedding_keys(model))
+    return [key for key in frozen_llm_keys(model) if key not in skip]
+
+
+def match_embedding_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize the LLM's token embeddings to the rows ``state`` stores (a checkpoint of a model
+    whose vocabulary was grown, as the official NatureLM-audio adds a ``[PAD]`` row)."""
+    keys = embedding_keys(model)
+    stored = [state[k].shape[0] for k in keys if k in state]
+    own = model.llama_model.get_input_embeddings().weight.shape[0]
+    if stored and stored[0] != own:
+        llm = model.llama_model
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        base.resize_token_embeddings(stored[0])
+
+
+def teacher_checkpoint(model: torch.nn.Module, tokenizer_json: str,
+                       external: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict as `TeacherModule` writes it, for a `NatureLM` built outside training.
+
+    ``external`` (model keys, no ``model.`` prefix) is left out and refilled from the local LLM
+    by `load_teacher`; ``extra`` adds top-level entries (e.g. where the weights came from).
+    """
+    import lightning.pytorch as pl
+
+    from teacher.config import config_hash
+    from teacher.lightning import (
+        CONFIG_HASH_KEY,
+        CONFIG_KEY,
+        EXTERNAL_KEY,
+        TOKENIZER_KEY,
+        TeacherModule,
+    )
+
+    cfg = model.cfg
+    module = TeacherModule(preset=cfg.preset, config=cfg.to_dict())
+    if module.teacher_config != cfg:
+        raise ValueError("the teacher config does not survive TeacherModule's resolution")
+    leave_out = set(external)
+    state = {MODEL_PREFIX + key: value.detach().clone()
+             for key, value in model.state_dict().items() if key not in leave_out}
+    return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": pl.__version__,
+            "state_dict": state, "hparams_name": "kwargs",
+            "hyper_parameters": dict(module.hparams),
+            TOKENIZER_KEY: tokenizer_json, CONFIG_KEY: cfg.to_dict(),
+            CONFIG_HASH_KEY: config_hash(cfg),
+            EXTERNAL_KEY: [MODEL_PREFIX + key for key in external], **extra}
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -89,6 +162,7 @@ def load_teacher(path: str | os.PathLike[str], map_location: str | torch.device 
     cfg = TeacherConfig.from_dict(checkpoint["hyper_parameters"]["config"])
     model = NatureLM(cfg, tokenizer_from_json(checkpoint[TOKENIZER_KEY]))
     state = teacher_state_dict(checkpoint)
+    match_embedding_rows(model, state)
     external = [key.removeprefix(MODEL_PREFIX) for key in checkpoint.get(EXTERNAL_KEY, [])]
     own = model.state_dict()
     for key in external:

@@ -10,9 +10,16 @@ split, snaps it to the task's labels (Levenshtein) and prints accuracy per class
 and macro-F1 / mAP for detection; with ``--score`` it also ranks the labels by the teacher's
 log-likelihood (``score_labels``), giving mAP from scores and a scored accuracy.
 
+``import`` turns the published NatureLM-audio ``model.safetensors`` over a local
+Llama-3.1-8B-Instruct (`teacher.official.load_naturelm`) into a teacher checkpoint that every
+command taking ``--teacher`` / a checkpoint reads (`teacher.checkpoint.load_teacher`): the
+LLM's base weights stay in the local folder and are refilled from it on load.
+
     $ naturelm-edge teacher fit --config tiny --data.manifest /tmp/synth/manifest.jsonl \\
           --trainer.default_root_dir runs/teacher-tiny
     $ naturelm-edge teacher eval runs/teacher-tiny/teacher.ckpt /tmp/synth/manifest.jsonl
+    $ naturelm-edge teacher import NatureLM-audio/model.safetensors Llama-3.1-8B-Instruct \\
+          runs/naturelm-8b/teacher.ckpt
 """
 
 from __future__ import annotations
@@ -229,4 +236,53 @@ def eval(checkpoint: Path, manifest: Path, split: str = "test", out: Path | None
         payload = {"checkpoint": str(checkpoint), "manifest": str(manifest), "split": split,
                    "results": results_to_json(results), "predictions": predictions}
         atomic_write_text(Path(out), json.dumps(payload, indent=1))
+    return 0
+
+
+def import_config(config: str) -> Any:
+    """The `TeacherConfig` named by ``config``: a preset name, or a JSON file of
+    `TeacherConfig.to_dict` output (the architecture of a differently sized release)."""
+    from runtime.errors import InputError
+    from teacher.config import TeacherConfig, teacher_config
+
+    if not config.endswith(".json"):
+        return teacher_config(config)
+    path = Path(config)
+    try:
+        return TeacherConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"not a teacher config JSON ({exc})") from exc
+
+
+def import_official(checkpoint: Path, llm: Path, out: Path, strict: bool = True,
+                    config: str = "naturelm-8b") -> int:
+    """Write the official NatureLM-audio weights as a teacher checkpoint at ``out``.
+
+    Args:
+        checkpoint: the published NatureLM-audio ``model.safetensors``.
+        llm: local transformers folder of Llama-3.1-8B-Instruct (model and tokenizer); stored
+            as an absolute path, and its weights are read from it again on load.
+        out: the teacher checkpoint written (atomically; nothing is written on an error).
+        strict: refuse weights whose keys or shapes differ from the model (listing them);
+            with --no-strict, load what matches and warn about the rest.
+        config: the architecture: a preset name, or a JSON file of a whole teacher config.
+    """
+    import torch
+
+    from runtime.files import atomic_stream
+    from teacher.checkpoint import local_llm_keys, teacher_checkpoint
+    from teacher.official import load_naturelm_with_report
+    from teacher.tokenizer import tokenizer_to_json
+
+    llm = Path(llm).resolve()
+    model, report = load_naturelm_with_report(Path(checkpoint), llm, strict=strict,
+                                              cfg=import_config(config))
+    external = local_llm_keys(model, overridden=report.loaded)
+    ckpt = teacher_checkpoint(model, tokenizer_to_json(model.tokenizer), external,
+                              teacher_imported_from=str(Path(checkpoint).resolve()))
+    with atomic_stream(Path(out), binary=True) as handle:
+        torch.save(ckpt, handle)
+    stored = len(ckpt["state_dict"])
+    print(f"{out}: NatureLM-audio teacher ({len(report.loaded)} tensors from {checkpoint}, "
+          f"{stored} stored, {len(external)} read from {llm} on load)")
     return 0

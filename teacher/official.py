@@ -152,6 +152,12 @@ def load_naturelm(checkpoint: str | Path, llm: str | Path, strict: bool = True,
         cfg: architecture to build (default: the ``naturelm-8b`` preset); ``llm.path`` is
             set to ``llm``.
     """
+    return load_naturelm_with_report(checkpoint, llm, strict, cfg)[0]
+
+
+def load_naturelm_with_report(checkpoint: str | Path, llm: str | Path, strict: bool = True,
+                              cfg: TeacherConfig | None = None) -> tuple[NatureLM, LoadReport]:
+    """`load_naturelm` and the `LoadReport` saying which tensors came from ``checkpoint``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -173,5 +179,5 @@ def load_naturelm(checkpoint: str | Path, llm: str | Path, strict: bool = True,
     except (SafetensorError, OSError) as exc:
         raise InputError(checkpoint, f"not a readable safetensors file ({exc})") from exc
     model = NatureLM(cfg, load_llm_tokenizer(llm))
-    load_official_state_dict(model, state, checkpoint, strict=strict)
-    return model.eval()
+    report = load_official_state_dict(model, state, checkpoint, strict=strict)
+    return model.eval(), report

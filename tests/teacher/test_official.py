@@ -72,9 +72,17 @@ def _official_state(cfg: TeacherConfig, seed: int = 11) -> dict[str, torch.Tenso
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama saved as a local transformers folder, with its tokenizer."""
+    from dataclasses import replace
+
+    from teacher.model import build_llm
+
     folder = tmp_path_factory.mktemp("llama")
-    base = tiny_model(seed=5, cfg=tiny_config()).llama_model.get_base_model()
-    base.save_pretrained(folder)
+    # A plain Llama (no LoRA wrapping: a peft-wrapped base saves `base_layer` names, which a
+    # reload does not recognise and re-initialises at random).
+    cfg = tiny_config()
+    torch.manual_seed(5)
+    build_llm(cfg.replace(lora=replace(cfg.lora, r=0)), len(tiny_tokenizer())).save_pretrained(
+        folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
