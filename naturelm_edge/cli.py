@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command] = {
                            summary="train the NatureLM teacher (LightningCLI)"),
     "teacher eval": Command("teacher.cli:eval", extra="train",
                             summary="BEANS-Zero-style scores per task"),
+    "teacher import": Command("teacher.cli:import_official", extra="train",
+                              summary="official NatureLM-audio weights to a teacher checkpoint"),
     "distill label": Command("distill.cli:label", extra="train",
                              summary="teacher targets for every clip and task (resumable)"),
     "distill fit": Command("distill.cli:fit", extra="train", passthrough=True,
