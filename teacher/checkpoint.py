@@ -116,14 +116,17 @@ def teacher_checkpoint(model: torch.nn.Module, tokenizer_json: str,
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint dict at ``path``; a missing, unreadable or non-teacher file raises."""
+    import pickle
+
     from teacher.lightning import TOKENIZER_KEY
 
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such teacher checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        # weights_only: a checkpoint from elsewhere must not run code when it is read.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise InputError(path, f"not a readable checkpoint ({exc})") from exc
     if not isinstance(checkpoint, dict):
         raise InputError(path, "not a Lightning checkpoint (no dict at the top level)")
