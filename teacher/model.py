@@ -162,8 +162,9 @@ class NatureLM(nn.Module):
         self.audio_norm: nn.LayerNorm | None = None
         if cfg.audio_norm:
             self.audio_norm = nn.LayerNorm(llm_width)
-            text_rms = self.llama_model.get_input_embeddings().weight.detach().float()
-            nn.init.constant_(self.audio_norm.weight, float(text_rms.pow(2).mean().sqrt()))
+            text = self.llama_model.get_input_embeddings().weight.detach().float()
+            if not text.is_meta:  # a model built on the meta device (to count it) has no values
+                nn.init.constant_(self.audio_norm.weight, float(text.pow(2).mean().sqrt()))
         self.apply_freeze_policy()
         if self.audio_norm is not None:  # part of the projection for the freeze policy
             self.audio_norm.requires_grad_(cfg.train_projection)

@@ -93,3 +93,18 @@ def test_label_signature_parses_as_a_table_command(tmp_path: Path) -> None:
     assert args.tasks == ["species", "detection"] and args.batch_size == 8
     args = parser_for(report, "naturelm-edge distill report").parse_args(["s.ckpt", "t", "m"])
     assert args.split == "test" and args.out is None
+
+
+def test_teacher_size_is_counted_for_the_shipped_tiny_preset() -> None:
+    """The report counts the teacher on the meta device: the tiny preset (audio_norm on,
+    whose init reads the text embeddings) must build there too, and count what a real
+    build counts."""
+    from distill.cli import _teacher_parameters
+    from teacher.config import teacher_config
+    from teacher.model import NatureLM
+    from teacher.tokenizer import train_tokenizer
+
+    cfg = teacher_config("tiny")
+    assert cfg.audio_norm
+    real = NatureLM(cfg, train_tokenizer(["a"], 300))
+    assert _teacher_parameters(cfg.to_dict()) == sum(p.numel() for p in real.parameters())
