@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
                                summary="a trivial baseline per task (mean log-mel + LR)"),
     "corpus convert": Command("corpus.convert:convert", extra="train",
                               summary="BEANS-Zero / Raven / class folders to a manifest"),
+    "teacher pretrain": Command("teacher.pretrain:pretrain_encoder", extra="train",
+                                summary="supervised pretraining of the teacher's BEATs"),
     "teacher fit": Command("teacher.cli:fit", extra="train", passthrough=True,
                            summary="train the NatureLM teacher (LightningCLI)"),
     "teacher eval": Command("teacher.cli:eval", extra="train",

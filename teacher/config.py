@@ -138,6 +138,10 @@ class TeacherConfig:
         audio_norm: a LayerNorm after the projection whose gain starts at the RMS of the LLM's
             input embeddings, so audio tokens enter on the text tokens' scale (a from-scratch
             LM needs it; NatureLM-audio has none, so the 8B preset keeps it off).
+        encoder_checkpoint: an official-format BEATs file (``{"cfg", "model"}``, for example
+            from `naturelm-edge teacher pretrain`) loaded into the encoder when a fresh
+            teacher is built for training; its config must equal ``encoder``. Reloading a
+            trained teacher never needs it.
     """
 
     preset: str = "tiny"
@@ -154,6 +158,7 @@ class TeacherConfig:
     train_lora: bool = True
     train_llm: bool = False
     audio_norm: bool = False
+    encoder_checkpoint: str | None = None
 
     @property
     def clip_samples(self) -> int:

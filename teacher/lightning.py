@@ -224,6 +224,21 @@ class TeacherModule(pl.LightningModule):
             tokenizer_json = self._tokenizer_json_for_corpus()
         tokenizer_json = self.trainer.strategy.broadcast(tokenizer_json, src=0)
         self.build(tokenizer_from_json(tokenizer_json))
+        self._load_pretrained_encoder()
+
+    def _load_pretrained_encoder(self) -> None:
+        """Load ``encoder_checkpoint`` (a pretrained BEATs) into a freshly built teacher."""
+        path = self.teacher_config.encoder_checkpoint
+        if not path:
+            return
+        from runtime.errors import InputError
+        from teacher.beats import load_beats
+
+        pretrained = load_beats(path)
+        if pretrained.cfg != self.teacher_config.encoder:
+            raise InputError(path, "its encoder config differs from the teacher's encoder config "
+                                   f"(preset {self.teacher_config.preset!r})")
+        self._require_model().beats.load_state_dict(pretrained.state_dict())
 
     def _tokenizer_json_for_corpus(self) -> str:
         from teacher.tokenizer import tokenizer_to_json, train_tokenizer
