@@ -10,7 +10,7 @@ file from `save_student`) holding, besides ``state_dict`` (the student's weights
 - ``teacher_config_hash``: the teacher whose targets trained it.
 
 `load_student` rebuilds the model from the file alone, reading it with
-``torch.load(weights_only=True)``: no arbitrary object is unpickled.
+`teacher.torchio.load_checkpoint` (``weights_only``): no arbitrary object is unpickled.
 
     >>> import tempfile, pathlib, torch
     >>> from distill.students import build_student, student_config, task_heads
@@ -27,7 +27,6 @@ file from `save_student`) holding, besides ``state_dict`` (the student's weights
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import InputError
@@ -72,19 +71,9 @@ def save_student(path: str | os.PathLike[str], model: nn.Module, cfg: StudentCon
 
 def read_student_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint dict (``weights_only`` load); a missing or non-student file raises."""
-    import pickle
+    from teacher.torchio import load_checkpoint
 
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such student checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise InputError(path, f"not a readable student checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, dict):
-        raise InputError(path, "not a student checkpoint (no dict at the top level)")
+    checkpoint = load_checkpoint(path, what="student checkpoint")
     missing = [key for key in ("state_dict", CONFIG_KEY) if key not in checkpoint]
     if missing:
         raise InputError(path, f"not a student checkpoint: it lacks {', '.join(missing)}")

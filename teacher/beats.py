@@ -590,28 +590,18 @@ def load_beats_state_dict(model: BEATs, state_dict: dict[str, Tensor], source: s
 def load_beats(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> BEATs:
     """Rebuild BEATs from an official ``BEATs_*.pt`` file (keys ``cfg`` and ``model``).
 
-    Loads with ``torch.load(weights_only=True)``: only tensors and plain containers are
-    unpickled, never arbitrary objects. A file that needs more raises ``InputError``; re-save
-    it as ``{"cfg": dict, "model": state_dict}`` from a trusted environment.
+    Reads with `teacher.torchio.load_checkpoint` (``weights_only``): only tensors and plain
+    containers are unpickled, never arbitrary objects. A file that needs more raises
+    ``InputError``; re-save it as ``{"cfg": dict, "model": state_dict}`` from a trusted
+    environment.
     """
-    import pickle
+    from teacher.torchio import load_checkpoint
 
     source = os.fspath(path)
-    if not os.path.isfile(source):
-        raise InputError(source, "BEATs checkpoint not found")
-    try:
-        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            source,
-            f"refusing to unpickle non-tensor objects in the BEATs checkpoint ({exc}); "
-            "re-save it as {'cfg': dict, 'model': state_dict} from a trusted environment",
-        ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise InputError(source, f"not a readable torch checkpoint: {exc}") from exc
-    if not isinstance(checkpoint, dict) or not {"cfg", "model"} <= set(checkpoint):
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise InputError(source, f"a BEATs checkpoint holds 'cfg' and 'model'; found {found}")
+    checkpoint = load_checkpoint(source, what="BEATs checkpoint", map_location=map_location)
+    if not {"cfg", "model"} <= set(checkpoint):
+        raise InputError(source, "a BEATs checkpoint holds 'cfg' and 'model'; "
+                                 f"found {sorted(checkpoint)}")
     cfg = checkpoint["cfg"]
     cfg = BEATsConfig.from_dict(cfg if isinstance(cfg, dict) else vars(cfg))
     model = BEATs(cfg)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,20 +115,11 @@ def teacher_checkpoint(model: torch.nn.Module, tokenizer_json: str,
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint dict at ``path``; a missing, unreadable or non-teacher file raises."""
-    import pickle
-
     from teacher.lightning import TOKENIZER_KEY
+    from teacher.torchio import load_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such teacher checkpoint")
-    try:
-        # weights_only: a checkpoint from elsewhere must not run code when it is read.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise InputError(path, f"not a readable checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, dict):
-        raise InputError(path, "not a Lightning checkpoint (no dict at the top level)")
+    # weights_only: a checkpoint from elsewhere must not run code when it is read.
+    checkpoint = load_checkpoint(path, what="teacher checkpoint")
     hparams = checkpoint.get("hyper_parameters") or {}
     missing = [name for name, present in (("hyper_parameters.config", "config" in hparams),
                                           (TOKENIZER_KEY, TOKENIZER_KEY in checkpoint),
