@@ -108,7 +108,7 @@ def soak(bundle: Path | None, days: int, per_day: int, seconds: float, history: 
     with tempfile.TemporaryDirectory(prefix="watch-soak-") as scratch:
         root = Path(scratch)
         if bundle is None:
-            from tests.runtime.model_fixtures import make_bundle
+            from benchmarks.fixtures import make_bundle
 
             bundle = make_bundle(root / "bundle")
         inbox, out = root / "inbox", root / "out"
@@ -150,7 +150,7 @@ def soak(bundle: Path | None, days: int, per_day: int, seconds: float, history: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None,
-                        help="bundle folder (default: the tone model of the tests)")
+                        help="bundle folder (default: the tone bundle of benchmarks.fixtures)")
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--per-day", type=int, default=24, help="recordings per day")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each recording")
