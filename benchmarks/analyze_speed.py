@@ -10,13 +10,15 @@ For every length in `minutes` a seeded synthetic recording (chirps and noise, by
   precision, threads and batch size), runs on windows of that recording decoded beforehand
   and held in memory; windows per second, timed just before and just after the analysis
   (pooled, so a change of load on a shared machine shows in both figures alike);
+- **decoding alone**: the recording decoded, resampled and cut into windows as ``analyze``'s
+  decoder thread does it, with no model (the most that decoding lets through);
 - **analyze**: the real command (``naturelm-edge analyze``, through the CLI's own parser)
   in a child process, so the peak RSS is the analysis's own. The only addition is a counter
   around ``runner.infer``, which gives the windows analysed and the time spent in the model
   (``model_busy``: the share of the analysis's wall time the model was working).
 
-Prints a markdown table (per length: windows, analyze and pure windows/s, their ratio,
-times real time, model busy share, peak RSS), whether the goals are met, and a final JSON
+Prints a markdown table (per length: windows, analyze, pure model and decoding windows/s,
+analyze / pure, times real time, model busy share, peak RSS), whether the goals are met, and a final JSON
 line with the context; with ``save`` adds the figures to ``benchmarks/results/<machine>``.
 
     $ naturelm-edge bench analyze runs/default/bundle --minutes 10 60 --threads 1
@@ -58,7 +60,7 @@ from runtime.errors import InputError
 GOAL_RATIO = 0.80
 GOAL_RSS_MB = 400.0
 COLUMNS = ("minutes", "windows", "analyze_s", "analyze_windows_per_s", "pure_windows_per_s",
-           "ratio", "x_real_time", "model_busy", "peak_rss_mb")
+           "decode_windows_per_s", "ratio", "x_real_time", "model_busy", "peak_rss_mb")
 CHILD_CODE = ("import sys; from benchmarks.analyze_speed import analyze_child; "
               "sys.exit(analyze_child(sys.argv[1:]))")
 CHILD_KEY = "analyze_child"
@@ -214,14 +216,28 @@ def pure_model(infer: Callable[[Mapping[str, np.ndarray]], Any], windows: np.nda
     return timing.n * batch_size, timing.total_s
 
 
+def decode_only(recording: Path, rate: int, window_s: float, hop_s: float,
+                block_s: float) -> tuple[int, float]:
+    """Windows and seconds to decode, resample and cut the whole of `recording` as
+    ``analyze``'s decoder thread does, with no model: the most decoding lets through."""
+    from runtime.audio import stream_audio
+    from runtime.windows import WindowSpec, iter_windows
+
+    spec = WindowSpec(window_s, hop_s, last="pad")
+    start = time.perf_counter()
+    count = sum(1 for _ in iter_windows(stream_audio(recording, rate, block_s=block_s), rate,
+                                        spec))
+    return count, time.perf_counter() - start
+
+
 # -- one length, all lengths
 
 
 def measure_length(bundle: Path, loaded: Any, runner: Any, minutes: float, setup: RunSetup,
                    folder: Path, sample_rate: int, channels: int, fmt: str, pure_s: float,
                    seed: int) -> dict[str, Any]:
-    """The row for one recording length: write the file, time the pure model, analyze, time
-    the pure model again, delete the file."""
+    """The row for one recording length: write the file, time decoding alone and the pure
+    model, analyze, time the pure model again, delete the file."""
     from benchmarks.decode_speed import write_long_file
 
     m = loaded.manifest
@@ -233,6 +249,8 @@ def measure_length(bundle: Path, loaded: Any, runner: Any, minutes: float, setup
     try:
         windows = leading_windows(recording, m.sample_rate, m.window_s, m.hop_s,
                                   4 * setup.batch_size)
+        decoded, decode_s = decode_only(recording, m.sample_rate, m.window_s, m.hop_s,
+                                        setup.block_s)
         before = pure_model(runner.infer, windows, setup.batch_size, pure_s)
         child = run_analyze(bundle, recording, folder / f"out-{minutes:g}", setup)
         after = pure_model(runner.infer, windows, setup.batch_size, pure_s)
@@ -244,7 +262,10 @@ def measure_length(bundle: Path, loaded: Any, runner: Any, minutes: float, setup
             "calls": child["calls"], "analyze_s": child["analyze_s"],
             "process_s": child["process_s"], "analyze_windows_per_s": analyze_rate,
             "pure_windows_per_s": pure, "pure_before_windows_per_s": before[0] / before[1],
-            "pure_after_windows_per_s": after[0] / after[1], "ratio": analyze_rate / pure,
+            "pure_after_windows_per_s": after[0] / after[1],
+            "decode_windows": decoded, "decode_windows_per_s": decoded / decode_s,
+            "decode_s": decode_s,
+            "ratio": analyze_rate / pure,
             "x_real_time": minutes * 60 / child["analyze_s"],
             "model_busy": child["infer_s"] / child["analyze_s"], "infer_s": child["infer_s"],
             "peak_rss_mb": child["peak_rss_mb"], "file_mb": file_mb, "write_s": write_s}

@@ -54,6 +54,8 @@ def test_analyze_speed_through_the_cli(bundle: Path, tmp_path: Path,
         # the tone bundle's windows are 1 s with a 1 s hop: one window per second of audio
         assert r["windows"] == math.ceil(r["minutes"] * 60 / 1.0)
         assert r["calls"] == math.ceil(r["windows"] / 5)  # the batch size reached analyze
+        assert r["decode_windows"] == r["windows"]
+        assert r["decode_windows_per_s"] == pytest.approx(r["windows"] / r["decode_s"])
         assert r["analyze_windows_per_s"] == pytest.approx(r["windows"] / r["analyze_s"])
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0
         assert r["ratio"] == pytest.approx(r["analyze_windows_per_s"]
