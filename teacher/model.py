@@ -166,8 +166,6 @@ class NatureLM(nn.Module):
             if not text.is_meta:  # a model built on the meta device (to count it) has no values
                 nn.init.constant_(self.audio_norm.weight, float(text.pow(2).mean().sqrt()))
         self.apply_freeze_policy()
-        if self.audio_norm is not None:  # part of the projection for the freeze policy
-            self.audio_norm.requires_grad_(cfg.train_projection)
         # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
         base = getattr(self.llama_model, "get_base_model", lambda: self.llama_model)()
         params = inspect.signature(base.forward).parameters
@@ -187,8 +185,10 @@ class NatureLM(nn.Module):
         for module in (self.ln_audio, self.audio_qformer):
             for p in module.parameters():
                 p.requires_grad_(cfg.train_qformer)
-        for p in self.audio_llama_proj.parameters():
-            p.requires_grad_(cfg.train_projection)
+        projection = [self.audio_llama_proj] + ([self.audio_norm] if self.audio_norm else [])
+        for module in projection:  # the audio norm is part of the projection
+            for p in module.parameters():
+                p.requires_grad_(cfg.train_projection)
         for name, p in self.llama_model.named_parameters():
             p.requires_grad_(cfg.train_lora if "lora_" in name else cfg.train_llm)
         if not cfg.train_encoder:

@@ -64,6 +64,9 @@ def test_tiny_audio_tokens_start_on_the_text_scale_and_vary_across_clips() -> No
     spread = (tokens - tokens.mean(0)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean()
     assert float(spread) > 0.2  # the clips stay apart (the BERT init left them within 2%)
     assert model.audio_norm.weight.requires_grad == model.cfg.train_projection
+    model.cfg = model.cfg.replace(train_projection=False)  # the policy re-applied covers it too
+    model.apply_freeze_policy()
+    assert not model.audio_norm.weight.requires_grad and not model.audio_norm.bias.requires_grad
 
 
 def test_naturelm_8b_stays_faithful_to_the_official_model() -> None:
