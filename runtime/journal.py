@@ -14,6 +14,14 @@ files it appended rows to (`Entry.outputs`: path relative to the output folder -
 length after the append, as the `watch` daemon's per-day files do); `Journal.outputs` holds
 the last recorded length of each, which is what a restart cuts a longer file back to.
 
+A unit that runs for months keeps appending: a recording analysed again (it changed, or a
+rerun reports a missing file once more) leaves its older lines behind. Opening compacts the
+journal when it holds more than `COMPACT_RATIO` times the lines worth keeping (and at least
+`COMPACT_MIN_LINES`): it is rewritten atomically (temporary file, fsync, rename) with the
+header, the latest line of each recording, and every line that names a combined file (those
+rows are in the file, and a rebuild replays them). `done`, `entry`, `latest`, `with_output`
+and `outputs` answer exactly as before; a kill mid-way leaves the old journal or the new one.
+
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "journal.jsonl"
     >>> with Journal.open(path, fingerprint="abc") as journal:
@@ -26,6 +34,7 @@ the last recorded length of each, which is what a restart cuts a longer file bac
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,10 +43,14 @@ from types import TracebackType
 from typing import Any, BinaryIO, NamedTuple
 
 from runtime.errors import ManifestError
-from runtime.files import atomic_write_bytes
+from runtime.files import atomic_stream, atomic_write_bytes
 from runtime.postprocess import Detection
 
 JOURNAL_VERSION = 1
+COMPACT_MIN_LINES = 1000
+COMPACT_RATIO = 2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,9 +124,10 @@ class Journal:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], fingerprint: str, resume: bool = True,
-             ) -> Journal:
+             compact: bool = True) -> Journal:
         """Open (or start) the journal at `path`. With `resume` the finished entries are read
-        back (a torn last line is cut off); without it the journal starts afresh.
+        back (a torn last line is cut off, and with `compact` superseded lines are dropped
+        once they dominate the file); without it the journal starts afresh.
 
         Raises:
             ManifestError: the journal was written with other settings, or a line other
@@ -121,12 +135,15 @@ class Journal:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_rewrites(path)
         finished: dict[str, Done] = {}
         outputs: dict[str, int] = {}
         if resume and path.exists() and path.stat().st_size:
-            good_bytes = _read(path, fingerprint, finished, outputs)
-            if good_bytes < path.stat().st_size:
-                os.truncate(path, good_bytes)
+            scan = _read(path, fingerprint, finished, outputs)
+            if scan.good_bytes < path.stat().st_size:
+                os.truncate(path, scan.good_bytes)
+            if compact and _worth_compacting(scan, len(finished)):
+                _compact(path, scan, finished)
         else:
             _start(path, fingerprint)
         handle = open(path, "ab")  # noqa: SIM115 - closed by close()
@@ -203,10 +220,27 @@ def _start(path: Path, fingerprint: str) -> None:
     atomic_write_bytes(path, _header(fingerprint))
 
 
+def _remove_stale_rewrites(path: Path) -> None:
+    """Delete temporary journals a kill left mid-rewrite (``.<name>.<random>.tmp``); the
+    journal they were meant to replace is intact."""
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(f".{path.name}.") and stale.name.endswith(".tmp"):
+            stale.unlink()
+
+
+class _Scan(NamedTuple):
+    """What reading a journal found: its intact prefix in bytes, its entry lines, and how
+    many of those name combined files."""
+
+    good_bytes: int
+    lines: int
+    output_lines: int
+
+
 def _read(path: Path, fingerprint: str, finished: dict[str, Done],
-          outputs: dict[str, int]) -> int:
-    """Fill `finished` and `outputs` streaming the journal line by line; returns the byte
-    length of its intact prefix."""
+          outputs: dict[str, int]) -> _Scan:
+    """Fill `finished` and `outputs` streaming the journal line by line; returns what it
+    found (`_Scan`)."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         first = handle.readline()
@@ -219,12 +253,13 @@ def _read(path: Path, fingerprint: str, finished: dict[str, Done],
             raise ManifestError(path, "this output folder holds results of a run with other "
                                       "settings (bundle, thresholds, windows or outputs); use a "
                                       "new --out folder or --no-resume to start over")
-        offset, number = len(first), 1
+        offset, number, with_outputs = len(first), 1, 0
         while True:
             raw = handle.readline()
             number += 1
             if not raw.endswith(b"\n"):
-                return offset  # empty (the end) or torn by a power cut: cut it off
+                # empty (the end) or torn by a power cut: cut it off
+                return _Scan(offset, number - 2, with_outputs)
             try:
                 data = json.loads(raw)
                 done = Done(int(data["size"]), int(data["mtime_ns"]), str(data["status"]),
@@ -233,8 +268,49 @@ def _read(path: Path, fingerprint: str, finished: dict[str, Done],
                 written = {str(k): int(v) for k, v in data.get("outputs", {}).items()}
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 if offset + len(raw) == size:
-                    return offset  # a torn last line: cut it off
+                    return _Scan(offset, number - 2, with_outputs)  # a torn last line: cut it
                 raise ManifestError(f"{path}:{number}", f"damaged journal line: {exc}") from exc
             finished[name] = done
             outputs.update(written)
+            with_outputs += bool(written)
             offset += len(raw)
+
+
+def _worth_compacting(scan: _Scan, recordings: int) -> bool:
+    """Whether superseded lines dominate: at most ``recordings + output_lines`` lines are
+    kept (an upper bound: a recording's latest line may name outputs too)."""
+    return (scan.lines >= COMPACT_MIN_LINES
+            and scan.lines > COMPACT_RATIO * (recordings + scan.output_lines))
+
+
+def _compact(path: Path, scan: _Scan, finished: dict[str, Done]) -> None:
+    """Rewrite the journal atomically with its header, the latest line of every recording and
+    every line naming combined files, in their order; point `finished` at the new offsets.
+
+    A failed rewrite (a full disk) leaves the journal as it was and is logged: compaction
+    saves space, and the run goes on without it.
+    """
+    moved: dict[str, int] = {}
+    try:
+        with path.open("rb") as source, atomic_stream(path, binary=True) as target:
+            first = source.readline()
+            target.write(first)
+            old, new, kept = len(first), len(first), 0
+            while old < scan.good_bytes:
+                raw = source.readline()
+                data = json.loads(raw)
+                name = str(data["file"])
+                latest = finished[name].offset == old
+                if latest or data.get("outputs"):
+                    target.write(raw)
+                    if latest:
+                        moved[name] = new
+                    new, kept = new + len(raw), kept + 1
+                old += len(raw)
+    except OSError as exc:
+        log.warning("%s: not compacted (%s); it keeps its %d lines", path, exc, scan.lines)
+        return
+    for name, offset in moved.items():
+        finished[name] = finished[name]._replace(offset=offset)
+    log.info("%s: compacted from %d to %d lines (%d -> %d bytes)", path, scan.lines, kept,
+             scan.good_bytes, new)
