@@ -18,13 +18,18 @@ forwards (`teacher_rows`).
     $ naturelm-edge distill label runs/teacher-tiny/teacher.ckpt corpus/manifest.jsonl \\
           runs/targets --batch-size 8 --devices 2 --strategy ddp
 
-    >>> from tests.teacher.helpers import tiny_model, chirps
+    >>> import torch
     >>> from corpus.records import Record
     >>> from corpus.tasks import instruction_for
+    >>> from teacher.config import teacher_config
+    >>> from teacher.model import NatureLM
+    >>> from teacher.tokenizer import train_tokenizer
+    >>> _ = torch.manual_seed(0)
+    >>> tokenizer = train_tokenizer([instruction_for("species"), "Kea", "Tui"], 300)
+    >>> model = NatureLM(teacher_config("tiny").replace(clip_s=1.0), tokenizer).eval()
     >>> rec = Record(id="c1.species", task="species", instruction=instruction_for("species"),
     ...              output="Kea", labels=("Kea", "Tui"))
-    >>> model = tiny_model()
-    >>> rows = teacher_rows(model, chirps(1, model.cfg.clip_s), [rec], max_new_tokens=4)
+    >>> rows = teacher_rows(model, 0.1 * torch.randn(1, 16000), [rec], max_new_tokens=4)
     >>> sorted(rows[0]), len(rows[0]["scores"])
     (['answer', 'id', 'scores', 'task'], 2)
 """

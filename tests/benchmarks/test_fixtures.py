@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import doctest
 import json
 import subprocess
 import sys
@@ -16,8 +17,18 @@ SHIPPED = ("naturelm_edge", "runtime", "corpus", "teacher", "distill", "export",
 
 
 def _imports_of_tests(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    found = []
+    """Imports of ``tests`` in the module's code and in its docstring examples."""
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text, filename=str(path))
+    examples = "\n".join(example.source for node in ast.walk(tree)
+                         if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef
+                                       | ast.AsyncFunctionDef)
+                         and (doc := ast.get_docstring(node, clean=False))
+                         for example in doctest.DocTestParser().get_examples(doc))
+    found = [f"{path.relative_to(REPO)} (docstring example) imports {line.split()[1]}"
+             for line in examples.splitlines()
+             if line.split()[:1] in (["import"], ["from"]) and len(line.split()) > 1
+             and line.split()[1].split(".")[0] == "tests"]
     for node in ast.walk(tree):
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
