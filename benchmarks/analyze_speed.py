@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +56,10 @@ from benchmarks.harness import (
     write_results,
 )
 from runtime.errors import InputError
+
+if TYPE_CHECKING:
+    from runtime.bundle import Bundle
+    from runtime.runners import Runner
 
 GOAL_RATIO = 0.80
 GOAL_RSS_MB = 400.0
@@ -233,7 +237,7 @@ def decode_only(recording: Path, rate: int, window_s: float, hop_s: float,
 # -- one length, all lengths
 
 
-def measure_length(bundle: Path, loaded: Any, runner: Any, minutes: float, setup: RunSetup,
+def measure_length(bundle: Path, loaded: Bundle, runner: Runner, minutes: float, setup: RunSetup,
                    folder: Path, sample_rate: int, channels: int, fmt: str, pure_s: float,
                    seed: int) -> dict[str, Any]:
     """The row for one recording length: write the file, time decoding alone and the pure
