@@ -80,6 +80,8 @@ COMMANDS: dict[str, Command] = {
     "bench decode": Command("benchmarks.decode_speed:run", summary="decode + resample speed"),
     "bench latency": Command("benchmarks.cli:latency",
                              summary="latency per backend x precision x batch"),
+    "bench analyze": Command("benchmarks.analyze_speed:analyze_speed",
+                             summary="analyze vs pure model throughput and peak RSS on long files"),
     "bench accuracy": Command("benchmarks.accuracy:accuracy", extra="all",
                               summary="teacher and students per precision: metrics, ECE, Pareto"),
     "bench gpu": Command("benchmarks.gpu_latency:gpu_latency", extra="train",
