@@ -1,6 +1,7 @@
 """`naturelm-edge corpus synth` and `naturelm-edge corpus baseline`: typed command functions.
 
     $ naturelm-edge corpus synth --out runs/default/corpus --seed 0
+    $ naturelm-edge corpus synth --out runs/default/corpus --seed 0 --workers 4
     $ naturelm-edge corpus baseline runs/default/corpus/manifest.jsonl
 
 The same from Python:
@@ -27,10 +28,11 @@ DEFAULT_OUT = Path("runs/default/corpus")
 
 def synth(out: Path = DEFAULT_OUT, seed: int = 0, clips: int = DEFAULT_CLIPS, clip_s: float = 10.0,
           soundscape_min: float = 10.0, sample_rate: int = 16000, species: int = 24,
-          clips_per_recording: int = 10, quiet: bool = False) -> int:
+          clips_per_recording: int = 10, workers: int = 0, quiet: bool = False) -> int:
     """Generate the synthetic chorus: clips, manifest, splits, a soundscape with its truth.
 
-    Deterministic: the same arguments give the same bytes. Writes OUT/clips/*.flac,
+    Deterministic: the same arguments give the same bytes, whatever the number of worker
+    processes (not part of the corpus's config). Writes OUT/clips/*.flac,
     OUT/manifest.jsonl, OUT/soundscape.flac, OUT/soundscape.selections.txt and OUT/synth.json.
 
     Args:
@@ -42,6 +44,8 @@ def synth(out: Path = DEFAULT_OUT, seed: int = 0, clips: int = DEFAULT_CLIPS, cl
         sample_rate: sample rate in Hz (at least 16000).
         species: number of species (2 to 24).
         clips_per_recording: clips per recording session; splits keep sessions whole.
+        workers: worker processes rendering clips and the soundscape (0: one per CPU core, at
+            most 8, none for a small corpus; 1: all in this process).
         quiet: print nothing.
     """
     from corpus.synth import generate
@@ -49,7 +53,7 @@ def synth(out: Path = DEFAULT_OUT, seed: int = 0, clips: int = DEFAULT_CLIPS, cl
     config = SynthConfig(seed=seed, clips=clips, clip_s=clip_s, sample_rate=sample_rate,
                          species=species, clips_per_recording=clips_per_recording,
                          soundscape_min=soundscape_min)
-    summary = generate(config, out)
+    summary = generate(config, out, workers=workers)
     if not quiet:
         print(summary.format())
     return 0

@@ -22,6 +22,11 @@ distant chorus of non-target species at a range of levels and SNRs.
 Clips are grouped into recordings (sessions sharing a site and its animals) and splits are
 assigned by recording (80/10/10), so no animal or site leaks from train into test.
 
+Every clip draws from its own random stream (seed, clip index), so ``generate(config, out,
+workers=N)`` renders chunks of clips, and the soundscape beside them, in N worker processes and
+writes the same bytes as ``workers=1``; ``workers=0`` picks `default_workers` (one per core, none
+for a small corpus). The worker count is not part of the config, so it never changes synth.json.
+
     >>> import tempfile, pathlib
     >>> cfg = SynthConfig(seed=1, clips=6, clip_s=2.0, clips_per_recording=2,
     ...                   soundscape_min=0.1)
@@ -39,9 +44,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -90,9 +96,19 @@ _CATALOGUE_SEED = 2411_07186
 # Stream tags for numpy SeedSequence entropy: one independent stream per purpose and index.
 _PLAN, _SESSION, _ANIMAL, _CLIP, _SOUNDSCAPE = 1, 2, 3, 4, 5
 
+# workers=0 (automatic): at most this many processes, and one per this much audio to render.
+MAX_AUTO_WORKERS = 8
+AUDIO_S_PER_WORKER = 300.0
+_CHUNK_MAX = 50
+
 JUVENILE_PITCH = 1.18
 JUVENILE_TEMPO = 0.8
 _EDGE_S = 0.008
+
+
+class SynthError(RuntimeError):
+    """Rendering or writing part of the corpus failed, in this process or in a worker; the
+    message names the file and the cause (one string argument, so it crosses processes)."""
 
 
 @dataclass(frozen=True)
@@ -910,33 +926,158 @@ class SynthSummary:
         return "\n".join(lines)
 
 
-def generate(config: SynthConfig, out: str | os.PathLike[str]) -> SynthSummary:
+def generate(config: SynthConfig, out: str | os.PathLike[str], workers: int = 0
+             ) -> SynthSummary:
     """Write the whole synthetic corpus into ``out`` and return a summary.
 
     A folder that already holds files but no synth.json is refused (never overwrite what this
     generator did not write); an earlier synthetic corpus there is replaced.
+
+    Args:
+        config: what to generate (the corpus's identity; ``workers`` is not part of it).
+        out: output folder.
+        workers: worker processes that render and write clips (and the soundscape beside
+            them); 0 picks `default_workers`, 1 renders in this process. Any count writes the
+            same bytes.
     """
     started = time.perf_counter()
+    count = resolve_workers(config, workers)
     out = Path(out).resolve()
     _prepare(out)
     clips_dir = out / "clips"
     clips_dir.mkdir(parents=True)
-    records: list[Record] = []
     plans = plan_clips(config)
-    for clip_records_ in _render_all(config, plans, clips_dir):
-        records.extend(clip_records_)
+    soundscape_path = out / "soundscape.flac" if config.soundscape_min > 0 else None
+    if count == 1:
+        per_clip = render_clips(config, plans, clips_dir, workers=1)
+        soundscape = (write_soundscape(config, soundscape_path)
+                      if soundscape_path is not None else None)
+    else:
+        per_clip, soundscape = _render_in_pool(config, plans, clips_dir, soundscape_path, count)
+    records = [record for clip in per_clip for record in clip]
     soundscape_s, n_calls = 0.0, 0
-    if config.soundscape_min > 0:
-        audio, calls = render_soundscape(config)
-        write_flac(out / "soundscape.flac", audio, config.sample_rate)
+    if soundscape is not None:
+        soundscape_s, calls = soundscape
         write_raven_table(out / "soundscape.selections.txt", soundscape_selections(calls))
-        soundscape_s, n_calls = audio.size / config.sample_rate, len(calls)
+        n_calls = len(calls)
     write_manifest(records, out / "manifest.jsonl")
     summary = SynthSummary(str(out), len(plans), len(records), dict(Counter(p.split for p in plans)),
                            _task_counts(records), soundscape_s, n_calls,
                            time.perf_counter() - started)
     _write_config(out, config, summary)
     return summary
+
+
+def default_workers(config: SynthConfig) -> int:
+    """The worker count ``workers=0`` means: one per CPU core this process may use, at most
+    `MAX_AUTO_WORKERS`, and no more than the work pays for (one per `AUDIO_S_PER_WORKER` seconds
+    of audio to render), so a small corpus renders in this process without starting any."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    audio_s = config.clips * config.clip_s + config.soundscape_min * 60
+    return max(1, min(cores or 1, MAX_AUTO_WORKERS, int(audio_s // AUDIO_S_PER_WORKER)))
+
+
+def resolve_workers(config: SynthConfig, workers: int) -> int:
+    """The worker count `generate` uses for ``workers`` (0: `default_workers`); < 0 raises."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (0: automatic), got {workers!r}")
+    count = default_workers(config) if workers == 0 else workers
+    if count > 1 and not _spawn_can_import_main():
+        if workers > 1:
+            import warnings
+
+            warnings.warn(f"workers={workers} ignored: the main script "
+                          f"({sys.modules['__main__'].__file__}) is not a file a spawned worker "
+                          "can import (stdin?); rendering in this process (same bytes)",
+                          RuntimeWarning, stacklevel=3)
+        return 1
+    return count
+
+
+def _spawn_can_import_main() -> bool:
+    """A spawned worker re-imports the main script from its path: impossible for stdin."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or Path(path).is_file()
+
+
+def render_clips(config: SynthConfig, plans: Sequence[ClipPlan], clips_dir: Path,
+                 workers: int = 1) -> list[list[Record]]:
+    """Render every planned clip into ``clips_dir`` as FLAC; returns each clip's records, in
+    the order of ``plans``. ``workers`` > 1 renders chunks of clips in worker processes (same
+    bytes, same records); a failed clip raises `SynthError` naming its file."""
+    count = resolve_workers(config, workers)
+    if count == 1:
+        return _render_chunk(config, tuple(plans), str(clips_dir))
+    per_clip, _ = _render_in_pool(config, plans, clips_dir, None, count)
+    return per_clip
+
+
+def write_soundscape(config: SynthConfig, path: Path) -> tuple[float, list[Call]]:
+    """Render the long soundscape into ``path`` as FLAC; returns its length in seconds and its
+    ground-truth calls. A failure raises `SynthError` naming the file."""
+    try:
+        audio, calls = render_soundscape(config)
+        write_flac(path, audio, config.sample_rate)
+    except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+        raise SynthError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    return audio.size / config.sample_rate, calls
+
+
+def _render_chunk(config: SynthConfig, plans: tuple[ClipPlan, ...], clips_dir: str
+                  ) -> list[list[Record]]:
+    """Render and write a run of clips; the worker processes' task (top level: picklable)."""
+    out: list[list[Record]] = []
+    for plan in plans:
+        path = Path(clips_dir) / f"{plan.clip_id}.flac"
+        try:
+            audio, calls, parts = render_clip(config, plan)
+            gain = write_flac(path, audio, config.sample_rate)
+        except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+            raise SynthError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        metadata = {"background": parts, "gain_db": round(20 * math.log10(gain), 2)}
+        out.append(clip_records(config, plan, str(path), calls, metadata))
+    return out
+
+
+def _chunks(plans: Sequence[ClipPlan], workers: int) -> list[tuple[ClipPlan, ...]]:
+    """About eight chunks per worker (balances uneven clips), each at most `_CHUNK_MAX` clips."""
+    size = max(1, min(_CHUNK_MAX, math.ceil(len(plans) / (8 * workers))))
+    return [tuple(plans[k:k + size]) for k in range(0, len(plans), size)]
+
+
+def _render_in_pool(config: SynthConfig, plans: Sequence[ClipPlan], clips_dir: Path,
+                    soundscape: Path | None, workers: int
+                    ) -> tuple[list[list[Record]], tuple[float, list[Call]] | None]:
+    """Clips in chunks, and the soundscape beside them, in ``workers`` spawned processes.
+
+    The first failure cancels what has not started and is raised (a `SynthError` naming the
+    file, or one saying that a worker process died)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = _chunks(plans, workers)
+    count = min(workers, len(chunks) + (soundscape is not None))
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # The soundscape is the longest single task: submitted first so it never runs last.
+        scape = pool.submit(write_soundscape, config, soundscape) if soundscape else None
+        futures = [pool.submit(_render_chunk, config, chunk, str(clips_dir)) for chunk in chunks]
+        everything = [f for f in (scape, *futures) if f is not None]
+        done, _ = wait(everything, return_when=FIRST_EXCEPTION)
+        for future in everything:
+            if future in done and future.exception() is not None:
+                future.result()  # raises the failure, with the worker's traceback as its cause
+        per_clip = [records for future in futures for records in future.result()]
+        return per_clip, scape.result() if scape is not None else None
+    except BrokenProcessPool as exc:
+        raise SynthError(f"{clips_dir.parent}: a worker process died while rendering the corpus "
+                         "(killed or out of memory; or a main script that a spawned process "
+                         "cannot import: guard it with if __name__ == '__main__'); try fewer "
+                         "workers or workers=1") from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _prepare(out: Path) -> None:
@@ -952,16 +1093,6 @@ def _prepare(out: Path) -> None:
         for name in ("manifest.jsonl", "soundscape.flac", "soundscape.selections.txt"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _render_all(config: SynthConfig, plans: Sequence[ClipPlan], clips_dir: Path
-                ) -> Iterator[list[Record]]:
-    for plan in plans:
-        audio, calls, parts = render_clip(config, plan)
-        path = clips_dir / f"{plan.clip_id}.flac"
-        gain = write_flac(path, audio, config.sample_rate)
-        metadata = {"background": parts, "gain_db": round(20 * math.log10(gain), 2)}
-        yield clip_records(config, plan, str(path), calls, metadata)
 
 
 def _task_counts(records: Sequence[Record]) -> dict[str, dict[str, dict[str, int]]]:
