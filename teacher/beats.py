@@ -510,6 +510,14 @@ class BEATs(nn.Module):
         mask = None if padding_mask is None else padding_mask.to(torch.bool)
         if mask is not None:
             mask = self._downsample_mask(mask, feats.shape[1])
+        return self.encode_fbank(feats, mask)
+
+    def encode_fbank(
+        self, feats: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The encoder from a normalised fbank ``[B, frames, mel]`` (`preprocess`'s output),
+        with an optional ``[B, frames]`` padding mask: what `forward` runs after `preprocess`,
+        so a fixed fbank can be computed once and reused (encoder pretraining caches it)."""
         patches = self.patch_embedding(feats.unsqueeze(1).to(self.patch_embedding.weight.dtype))
         tokens = self.layer_norm(patches.flatten(2).transpose(1, 2))
         if mask is not None:

@@ -114,3 +114,25 @@ def test_pretrained_encoder_loads_and_separates_classes(tmp_path: Path,
     waves = torch.stack([torch.from_numpy(sf.read(f, dtype="float32")[0]) for f in files])
     classes = torch.tensor([i % 2 for i in range(len(files))])
     assert _fisher(trained, waves, classes) > 2.0 * _fisher(initial, waves, classes)
+
+
+def test_encode_fbank_is_forward_after_preprocess() -> None:
+    torch.manual_seed(0)
+    model = BEATs(teacher_config("tiny").encoder).eval()
+    wave = 0.1 * torch.randn(2, 16000)
+    with torch.no_grad():
+        direct, _ = model(wave)
+        cached, _ = model.encode_fbank(model.preprocess(wave))
+    assert torch.equal(direct, cached)
+
+
+def test_roll_time_rotates_each_clip_on_its_own() -> None:
+    from teacher.pretrain import roll_time
+
+    feats = torch.arange(4 * 50 * 3, dtype=torch.float32).view(4, 50, 3)
+    rolled = roll_time(feats, torch.Generator().manual_seed(0))
+    shifts = []
+    for clip, out in zip(feats, rolled, strict=True):
+        shift = next(s for s in range(50) if torch.equal(torch.roll(clip, s, dims=0), out))
+        shifts.append(shift)
+    assert len(set(shifts)) > 1  # not one shift for the whole batch
