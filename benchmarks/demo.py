@@ -387,14 +387,12 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
     """Distill one student with its shipped config and report it on the test split."""
     from distill.cli import fit, format_report, report_rows
 
-    if o.threads:
-        import torch
-
-        torch.set_num_threads(o.threads)
     folder = o.out / "students" / size
+    threads = [f"--num_threads={o.threads}"] if o.threads else []
     fit(["--config", f"student-{size}", f"--data.manifest={corpus['manifest']}",
          f"--data.targets={targets['targets']}", f"--trainer.default_root_dir={folder}",
-         *o.trainer_args(), "--trainer.enable_model_summary=false", *o.plan.student_args])
+         *threads, *o.trainer_args(), "--trainer.enable_model_summary=false",
+         *o.plan.student_args])
     checkpoint = folder / "student.ckpt"
     if not checkpoint.is_file():
         raise InputError(checkpoint, "distill fit wrote no checkpoint")

@@ -66,9 +66,11 @@ def student_cli(args: Sequence[str] | None, run: bool = True, instantiate: bool 
     from lightning.pytorch.cli import LightningCLI
 
     from distill.lightning import StudentDataModule, StudentModule
+    from teacher.cli import add_num_threads, apply_num_threads
 
     class StudentCLI(LightningCLI):
-        """Links the target store into the model; checkpoints on agreement with the teacher."""
+        """Links the target store into the model; checkpoints on agreement with the teacher;
+        ``num_threads`` as the teacher's CLI."""
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -78,9 +80,12 @@ def student_cli(args: Sequence[str] | None, run: bool = True, instantiate: bool 
                                  "checkpoint.enable_version_counter": False})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
             parser.link_arguments("data.targets", "model.targets")
+            add_num_threads(parser)
 
         def instantiate_classes(self) -> None:
             if instantiate:
+                apply_num_threads(self.config[self.subcommand] if self.subcommand
+                                  else self.config)
                 super().instantiate_classes()
 
     return StudentCLI(StudentModule, StudentDataModule, args=list(args or []), run=run,

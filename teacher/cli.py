@@ -85,21 +85,31 @@ def teacher_cli(args: Sequence[str] | None, run: bool = True, instantiate: bool 
             parser.set_defaults({"checkpoint.filename": "teacher",
                                  "checkpoint.enable_version_counter": False})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
-            parser.add_argument("--num_threads", type=int | None, default=None,
-                                help="torch intra-op threads (default: torch's choice)")
+            add_num_threads(parser)
 
         def instantiate_classes(self) -> None:
             if not instantiate:
                 return
-            import torch
-
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            if config.get("num_threads"):
-                torch.set_num_threads(int(config["num_threads"]))
+            apply_num_threads(self.config[self.subcommand] if self.subcommand else self.config)
             super().instantiate_classes()
 
     return TeacherCLI(TeacherModule, TeacherDataModule, args=list(args or []), run=run,
                       save_config_kwargs={"overwrite": True})
+
+
+def add_num_threads(parser: Any) -> None:
+    """A LightningCLI ``--num_threads`` option: torch intra-op threads (on a shared CPU one
+    thread per process avoids OpenMP threads spinning while a sibling is descheduled)."""
+    parser.add_argument("--num_threads", type=int | None, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+
+
+def apply_num_threads(config: Any) -> None:
+    """Set torch's intra-op threads from a parsed config's ``num_threads``, if given."""
+    if config.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(config["num_threads"]))
 
 
 def fit(argv: list[str]) -> int:
