@@ -188,7 +188,7 @@ class SynthConfig:
     """
 
     seed: int = 0
-    clips: int = 1600
+    clips: int = 4800
     clip_s: float = 10.0
     sample_rate: int = 16000
     species: int = 24
