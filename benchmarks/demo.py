@@ -79,7 +79,7 @@ class DemoPlan:
     clips: int | None = None
     clips_per_recording: int = 10
     soundscape_min: float = 10.0
-    pretrain_epochs: int = 3
+    pretrain_epochs: int = 8
     teacher_args: tuple[str, ...] = ()
     student_args: tuple[str, ...] = ()
     max_new_tokens: int = 24
@@ -346,7 +346,8 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
 def pretrain_tiny_encoder(o: Options, corpus: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     """Pretrain the tiny teacher's BEATs on the clip labels (nothing pretrained exists offline,
     while NatureLM-audio starts from a pretrained BEATs) and return the teacher-config overrides
-    that load it, frozen. Measured: 6.1% -> 40.8% held-out species accuracy."""
+    that load it, frozen. Measured on the default corpus: 6.1% (from scratch) -> 61.9%
+    held-out species accuracy."""
     from teacher.pretrain import pretrain_encoder
 
     path = folder / "encoder.pt"
