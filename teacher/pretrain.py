@@ -258,6 +258,23 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
     ``max_minutes`` have passed); per-task validation figures are printed after each epoch
     and stored in the checkpoint under ``"pretrain"``. Writes ``out`` atomically as
     ``{"cfg", "model", "pretrain"}``; returns 0.
+
+    Args:
+        manifest: a JSONL / CSV manifest whose records carry the clip labels.
+        out: the encoder checkpoint to write (official BEATs format).
+        preset: the teacher preset whose encoder is trained.
+        epochs: passes over the training clips.
+        batch_size: clips per step.
+        lr: peak AdamW learning rate.
+        num_threads: torch intra-op threads.
+        max_minutes: stop after the epoch that passes this many minutes.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        train_split: the split trained on.
+        val_split: the split the per-epoch figures are measured on.
+        seed: seeds the initialisation, the order and the rotations.
+        clip_s: clip length in seconds (default: the preset's).
+        time_roll: rotate each training clip's fbank in time by a random amount.
     """
     import torch
 
