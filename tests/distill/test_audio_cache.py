@@ -17,18 +17,7 @@ import teacher.lightning as teacher_lightning
 from corpus.records import Record
 from distill.lightning import AudioCache, StudentDataModule, StudentModule
 from runtime.errors import AudioError
-from tests.distill.test_label import make_corpus
-from tests.distill.test_lightning import TINY, make_store
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"), clips=8)
-
-
-@pytest.fixture(scope="module")
-def store(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_store(corpus, tmp_path_factory.mktemp("targets") / "store")
+from tests.distill.test_lightning import TINY
 
 
 def _assert_same_item(a: dict, b: dict) -> None:

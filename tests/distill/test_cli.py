@@ -9,18 +9,7 @@ import pytest
 
 from distill.cli import fit, format_report, report, report_rows, shipped_configs, student_cli
 from distill.targets import TargetMismatchError
-from tests.distill.test_label import make_corpus
 from tests.distill.test_lightning import make_store
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"), clips=8)
-
-
-@pytest.fixture(scope="module")
-def store(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_store(corpus, tmp_path_factory.mktemp("targets") / "store")
 
 
 @pytest.mark.parametrize("name", ["student-s", "student-m"])

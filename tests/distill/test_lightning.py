@@ -29,7 +29,6 @@ from distill.targets import (
     write_meta,
     write_part,
 )
-from tests.distill.test_label import make_corpus
 
 TEACHER_HASH = "feedfacefeedface"
 TINY = {"width_mult": 0.1, "n_blocks": 3, "embedding_dim": 16}
@@ -59,16 +58,6 @@ def make_store(manifest: Path, out: Path, teacher_hash: str = TEACHER_HASH,
         write_part(out, 0, i, [row])
     write_index(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"), clips=8)
-
-
-@pytest.fixture(scope="module")
-def store(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_store(corpus, tmp_path_factory.mktemp("targets") / "store")
 
 
 def test_clips_group_records_by_audio(corpus: Path) -> None:
