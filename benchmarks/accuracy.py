@@ -366,7 +366,7 @@ def run_accuracy(bundles: Sequence[Path], manifest: Path, targets: Path | None =
                  results_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Score every model of ``bundles`` (and the teacher from ``targets``); print the tables
     and the final JSON line unless ``quiet``; returns the JSON-able result."""
-    from benchmarks.harness import context, json_line, markdown_table, write_results
+    from benchmarks.harness import context, markdown_table, publish
     from distill.targets import TargetStore
     from runtime.bundle import load_bundle, task_labels
 
@@ -425,13 +425,7 @@ def run_accuracy(bundles: Sequence[Path], manifest: Path, targets: Path | None =
         plot_path = Path(results_dir) / f"{ctx['machine_id']}-accuracy.png"
     if plot_path is not None and timed:
         result["plot"] = str(plot_pareto(points, plot_path, f"accuracy against latency ({split})"))
-    if results_dir is not None:
-        json_path, _ = write_results("accuracy", result, markdown, results_dir)
-        result["results_file"] = str(json_path)
-    if not quiet:
-        print(markdown)
-        json_line(result)
-    return result
+    return publish("accuracy", result, markdown, results_dir, quiet)
 
 
 def accuracy(

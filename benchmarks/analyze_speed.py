@@ -52,8 +52,8 @@ from benchmarks.harness import (
     json_line,
     markdown_table,
     peak_rss_mb,
+    publish,
     time_call,
-    write_results,
 )
 from runtime.errors import InputError
 
@@ -335,14 +335,9 @@ def run_analyze_speed(bundle: Path, minutes: Sequence[float] = (10.0, 60.0),
         "pure_s": pure_s})
     summary = goals(rows)
     markdown = markdown_table(rows, COLUMNS) + "\n\n" + _goal_lines(summary)
-    print(markdown)
     result: dict[str, Any] = {"benchmark": "analyze", "context": ctx, "rows": rows,
                               "goals": summary}
-    if results_dir is not None:
-        json_path, _ = write_results("analyze", result, markdown, results_dir)
-        result["results_file"] = str(json_path)
-    json_line(result)
-    return result
+    return publish("analyze", result, markdown, results_dir)
 
 
 def analyze_speed(

@@ -234,7 +234,7 @@ def run(sizes: Sequence[str] = ("s", "m"), checkpoints: Sequence[Path] = (),
     machine slow a small model down by orders of magnitude)."""
     import torch
 
-    from benchmarks.harness import context, json_line, markdown_table, write_results
+    from benchmarks.harness import context, markdown_table, publish
 
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -253,13 +253,7 @@ def run(sizes: Sequence[str] = ("s", "m"), checkpoints: Sequence[Path] = (),
                                                "seconds": round(time.perf_counter() - start, 1)})
     markdown = markdown_table(rows, COLUMNS)
     result = {"benchmark": "gpu_latency", "context": ctx, "rows": rows}
-    if results_dir is not None:
-        json_path, _ = write_results("gpu_latency", result, markdown, results_dir)
-        result["results_file"] = str(json_path)
-    if not quiet:
-        print(markdown)
-        json_line(result)
-    return result
+    return publish("gpu_latency", result, markdown, results_dir, quiet)
 
 
 def gpu_latency(

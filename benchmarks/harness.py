@@ -248,6 +248,20 @@ def json_line(result: Mapping[str, Any]) -> str:
     return line
 
 
+def publish(name: str, result: dict[str, Any], markdown: str,
+            results_dir: str | os.PathLike[str] | None, quiet: bool = False) -> dict[str, Any]:
+    """How every benchmark ends: store `result` and `markdown` under `name` in `results_dir`
+    (`write_results`; ``None`` stores nothing) noting the file in ``result["results_file"]``,
+    then, unless `quiet`, print the markdown and the final JSON line. Returns `result`."""
+    if results_dir is not None:
+        json_path, _ = write_results(name, result, markdown, results_dir)
+        result["results_file"] = str(json_path)
+    if not quiet:
+        print(markdown)
+        json_line(result)
+    return result
+
+
 def write_results(name: str, result: Mapping[str, Any], markdown: str,
                   folder: str | os.PathLike[str] = RESULTS_DIR,
                   machine: str | None = None) -> tuple[Path, Path]:

@@ -33,12 +33,11 @@ import numpy as np
 from benchmarks.harness import (
     context,
     gpu_memory_mb,
-    json_line,
     markdown_table,
     peak_rss_mb,
+    publish,
     save_figure,
     time_call,
-    write_results,
 )
 from runtime.bundle import Bundle, ModelSpec, TaskSpec, load_bundle
 from runtime.runners import RUNNER_BACKENDS, OrtRunner, Runner, open_runner
@@ -342,7 +341,6 @@ def run_latency(bundle: Path, backends: Sequence[str] = ("cpu",),
     ratio_rows = [{"ratio": kind, "config": name, "value": value}
                   for kind, items in ratios.items() for name, value in items.items()]
     markdown = table + ("\n\n" + markdown_table(ratio_rows) if ratio_rows else "")
-    print(markdown)
     result: dict[str, Any] = {"benchmark": "latency", "context": ctx, "rows": rows,
                               "speedups": ratios}
     if plot_path is None and results_dir is not None:
@@ -350,8 +348,4 @@ def run_latency(bundle: Path, backends: Sequence[str] = ("cpu",),
     if plot_path is not None:
         result["plot"] = str(plot(rows, plot_path, f"{loaded.manifest.name}: {ctx['cpu']}, "
                                                     f"{settings.threads} thread(s)"))
-    if results_dir is not None:
-        json_path, _ = write_results("latency", result, markdown, results_dir)
-        result["results_file"] = str(json_path)
-    json_line(result)
-    return result
+    return publish("latency", result, markdown, results_dir)

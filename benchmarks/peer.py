@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import context, json_line, markdown_table, peak_rss_mb, write_results
+from benchmarks.harness import context, markdown_table, peak_rss_mb, publish
 from runtime.bundle import Bundle, load_bundle
 from runtime.errors import AudioError
 from runtime.runners import open_runner
@@ -231,11 +231,6 @@ def run_peer(bundle: Path, recording: Path, threads: int = 1, repeat: int = 30,
         "precision": precision, "birdnet_model": model.name})
     markdown = markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(
         [{"stage": k, "student / BirdNET": v} for k, v in ratio.items()])
-    print(markdown)
     result: dict[str, Any] = {"benchmark": "peer", "context": ctx, "rows": rows,
                               "student_over_birdnet": ratio}
-    if results_dir is not None:
-        json_path, _ = write_results("peer", result, markdown, results_dir)
-        result["results_file"] = str(json_path)
-    json_line(result)
-    return result
+    return publish("peer", result, markdown, results_dir)
