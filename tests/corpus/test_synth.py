@@ -42,7 +42,7 @@ def _tiny(**overrides: object) -> SynthConfig:
     return SynthConfig(**fields)
 
 
-def _hashes(folder: Path) -> dict[str, str]:
+def file_hashes(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -51,7 +51,7 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path: Path
     generate(_tiny(), tmp_path / "a")
     generate(_tiny(), tmp_path / "b")
     generate(_tiny(seed=4), tmp_path / "c")
-    a, b, c = (_hashes(tmp_path / name) for name in "abc")
+    a, b, c = (file_hashes(tmp_path / name) for name in "abc")
     assert "soundscape.flac" in a and "clips/clip000000.flac" in a and "manifest.jsonl" in a
     # Paths inside the manifest are relative to its folder, so whole folders compare equal.
     assert a == b

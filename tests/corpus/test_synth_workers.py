@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from corpus.synth import (
     render_clips,
     resolve_workers,
 )
+from tests.corpus.test_synth import file_hashes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,16 +30,11 @@ def _tiny(**overrides: object) -> SynthConfig:
     return SynthConfig(**fields)
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_two_workers_write_the_same_bytes_as_one(tmp_path: Path) -> None:
     config = _tiny()
     serial = generate(config, tmp_path / "serial", workers=1)
     parallel = generate(config, tmp_path / "parallel", workers=2)
-    one, two = _hashes(tmp_path / "serial"), _hashes(tmp_path / "parallel")
+    one, two = file_hashes(tmp_path / "serial"), file_hashes(tmp_path / "parallel")
     assert {"manifest.jsonl", "soundscape.flac", "soundscape.selections.txt",
             "synth.json"} <= set(one)
     assert sum(name.startswith("clips/") for name in one) == config.clips
@@ -55,9 +50,9 @@ def test_more_workers_than_chunks_and_no_soundscape(tmp_path: Path) -> None:
     config = _tiny(clips=3, soundscape_min=0.0)
     generate(config, tmp_path / "serial", workers=1)
     generate(config, tmp_path / "parallel", workers=5)
-    hashes = _hashes(tmp_path / "parallel")
+    hashes = file_hashes(tmp_path / "parallel")
     assert "soundscape.flac" not in hashes
-    assert hashes == _hashes(tmp_path / "serial")
+    assert hashes == file_hashes(tmp_path / "serial")
 
 
 def test_render_clips_returns_records_in_plan_order(tmp_path: Path) -> None:
@@ -112,7 +107,7 @@ def test_cli_passes_workers_and_rejects_a_negative_count(tmp_path: Path) -> None
     kwargs = dict(clips=4, clip_s=1.0, clips_per_recording=2, soundscape_min=0.0, quiet=True)
     assert synth(out=tmp_path / "a", workers=2, **kwargs) == 0
     assert synth(out=tmp_path / "b", workers=1, **kwargs) == 0
-    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
     with pytest.raises(ValueError, match="workers"):
         synth(out=tmp_path / "c", workers=-2, **kwargs)
     assert not (tmp_path / "c").exists()
