@@ -186,13 +186,20 @@ class TeacherModule(pl.LightningModule):
         min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
         cache_encoder: with a frozen encoder, encode each unaugmented training clip once and
             reuse its features (`EncoderCache`); ignored when the encoder trains.
+        task_weights: loss weight per task name (others 1.0), e.g. ``{"species": 3.0}``: a
+            weighted mean over the batch's examples, so the loss keeps its scale.
     """
 
     def __init__(self, preset: str = "tiny", config: dict[str, Any] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1, cache_encoder: bool = False) -> None:
+                 min_lr_ratio: float = 0.1, cache_encoder: bool = False,
+                 task_weights: dict[str, float] | None = None) -> None:
         super().__init__()
+        bad = {task: w for task, w in (task_weights or {}).items()
+               if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)}
+        if bad:
+            raise ValueError(f"task_weights must be finite and > 0, got {bad}")
         self.teacher_config = resolve_config(preset, config)
         self.save_hyperparameters()
         self.hparams["config"] = self.teacher_config.to_dict()
@@ -215,6 +222,10 @@ class TeacherModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if isinstance(datamodule, TeacherDataModule):
             check_data_matches(self.teacher_config, datamodule)
+            unknown = sorted(set(self.hparams.get("task_weights") or {})
+                             - {r.task for r in datamodule.records})
+            if unknown:
+                raise ValueError(f"task_weights names tasks the data does not have: {unknown}")
         if self.model is not None:
             return
         from teacher.tokenizer import tokenizer_from_json
@@ -265,10 +276,18 @@ class TeacherModule(pl.LightningModule):
         if "clip_index" in batch:
             return self._grouped_loss(model, batch)
         keys = batch.get("cache_key")
+        weights = self._task_weights(batch)
         if self.encoder_cache is None or keys is None:
-            return model(batch["audio"], batch["instruction"], batch["answer"])
+            return model(batch["audio"], batch["instruction"], batch["answer"], weights)
         with self.encoder_cache.serving(model.beats, keys):
-            return model(batch["audio"], batch["instruction"], batch["answer"])
+            return model(batch["audio"], batch["instruction"], batch["answer"], weights)
+
+    def _task_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Each example's ``task_weights`` entry (1.0 when the task has none); None if unset."""
+        table = self.hparams.get("task_weights")
+        if not table:
+            return None
+        return torch.tensor([float(table.get(task, 1.0)) for task in batch["task"]])
 
     def _grouped_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of a `collate_groups` batch: each clip goes through the encoder, Q-Former and
@@ -281,7 +300,8 @@ class TeacherModule(pl.LightningModule):
             tokens = model.encode_audio(wave)
         index = torch.as_tensor(batch["clip_index"], dtype=torch.long, device=wave.device)
         with serving_audio_tokens(model, tokens[index]):
-            return model(wave[index], batch["instruction"], batch["answer"])
+            return model(wave[index], batch["instruction"], batch["answer"],
+                         self._task_weights(batch))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

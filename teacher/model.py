@@ -127,6 +127,19 @@ def build_llm(cfg: TeacherConfig, vocab_needed: int) -> nn.Module:
     return llm
 
 
+
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` [B, L, V] over the answer tokens of
+    ``labels`` [B, L] (`IGNORE` elsewhere); ``weights`` [B] makes it a weighted mean in which
+    every answer token counts its example's weight."""
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    counted = (targets != IGNORE).to(per_token.dtype).sum(dim=1)
+    w = torch.ones_like(counted) if weights is None else weights.to(counted.device, counted.dtype)
+    return (per_token.sum(dim=1) * w).sum() / (counted * w).sum().clamp_min(1e-12)
+
 class NatureLM(nn.Module):
     """The teacher. Submodule names follow the official checkpoint (see `teacher.official`).
 
@@ -340,8 +353,9 @@ class NatureLM(nn.Module):
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor, instructions: Sequence[str],
-                answers: Sequence[str]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens (and their end token) only.
+                answers: Sequence[str], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens (and their end token) only;
+        ``weights`` [B] weighs each example's tokens (`answer_cross_entropy`).
 
         Audio longer than ``clip_s`` is cropped to its first ``clip_s`` (training crops).
         """
@@ -349,9 +363,7 @@ class NatureLM(nn.Module):
         logits = self.llama_model(inputs_embeds=batch.inputs_embeds,
                                   attention_mask=batch.attention_mask).logits
         assert batch.labels is not None
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+        return answer_cross_entropy(logits, batch.labels, weights)
 
     # -- inference ----------------------------------------------------------------------------
     @contextlib.contextmanager

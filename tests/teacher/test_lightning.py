@@ -402,3 +402,31 @@ def test_grouped_loss_equals_the_per_example_loss(corpus: Path, train_encoder: b
         grouped.backward()
         grads = [p.grad for p in model.beats.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_task_weights_reach_the_model(corpus: Path) -> None:
+    for bad in (0.0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="task_weights must be finite and > 0"):
+            TeacherModule(config=SMALL, task_weights={"species": bad})
+    torch.manual_seed(0)
+    module = TeacherModule(config=FROZEN, cache_encoder=True, task_weights={"species": 3.0})
+    dm = _datamodule(corpus, noise_prob=0.0, none_prob=0.0, group_by_clip=True)
+    module.build(_tokenizer(dm))
+    model = module.model.eval()
+    batch = next(iter(dm.train_dataloader()))
+    batch["answer"][0] = "Kea, Tui, Kea, Tui"  # answers of different lengths
+    audio = batch["audio"][batch["clip_index"]]
+    weights = torch.tensor([3.0 if task == "species" else 1.0 for task in batch["task"]])
+    assert 1.0 in weights and 3.0 in weights
+    weighted = model(audio, batch["instruction"], batch["answer"], weights)
+    assert not torch.allclose(weighted, model(audio, batch["instruction"], batch["answer"]))
+    assert torch.allclose(module._loss(batch), weighted, atol=1e-5)
+
+
+def test_fit_refuses_task_weights_for_tasks_the_data_lacks(corpus: Path, tmp_path: Path) -> None:
+    module = TeacherModule(config=FROZEN, task_weights={"species": 2.0, "calltype": 2.0})
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"task_weights names tasks the data does not have: "
+                                         r"\['calltype'\]"):
+        trainer.fit(module, datamodule=_datamodule(corpus))

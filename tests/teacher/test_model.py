@@ -10,7 +10,14 @@ import torch
 
 from corpus.tasks import instruction_for
 from teacher.config import QFormerConfig, TeacherConfig, config_hash, teacher_config
-from teacher.model import IGNORE, NatureLM, clip_windows, generate_windows, score_windows
+from teacher.model import (
+    IGNORE,
+    NatureLM,
+    answer_cross_entropy,
+    clip_windows,
+    generate_windows,
+    score_windows,
+)
 from teacher.qformer import num_windows
 from tests.teacher.helpers import chirps, read_mono_16k, tiny_config, tiny_model, tiny_tokenizer
 
@@ -255,3 +262,23 @@ def test_prompts_of_two_audios_take_no_audio_index(model: NatureLM) -> None:
         model.prompt_cache(None, [pair], audio_embeds=tokens, audio_index=[0])
     torch.testing.assert_close(model.prompt_cache(None, [pair], audio_embeds=tokens).logits,
                                model.prompt_cache(audio, [pair]).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_answer_cross_entropy_is_a_weighted_token_mean() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    # Row 0 has three answer tokens, row 1 one; labels are shifted by one against logits.
+    labels = torch.full((2, 6), IGNORE)
+    labels[0, 3:6] = torch.tensor([4, 7, 2])
+    labels[1, 5] = 9
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+    row0, row1 = per_token[0, 2:5], per_token[1, 4]
+    plain = answer_cross_entropy(logits, labels)
+    assert torch.allclose(plain, torch.cat([row0, row1.view(1)]).mean())
+    assert torch.allclose(plain, torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE))
+    # Every answer token counts its example's weight.
+    weighted = answer_cross_entropy(logits, labels, torch.tensor([1.0, 3.0]))
+    assert torch.allclose(weighted, (row0.sum() + 3 * row1) / (3 + 3))
+    assert torch.allclose(answer_cross_entropy(logits, labels, torch.tensor([2.0, 2.0])), plain)
