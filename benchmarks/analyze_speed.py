@@ -337,7 +337,18 @@ def run_analyze_speed(bundle: Path, minutes: Sequence[float] = (10.0, 60.0),
     markdown = markdown_table(rows, COLUMNS) + "\n\n" + _goal_lines(summary)
     result: dict[str, Any] = {"benchmark": "analyze", "context": ctx, "rows": rows,
                               "goals": summary}
-    return publish("analyze", result, markdown, results_dir)
+    return publish(section_name(fmt, sample_rate, channels), result, markdown, results_dir)
+
+
+def section_name(fmt: str, sample_rate: int, channels: int) -> str:
+    """The results section of one input kind, so that runs on other formats sit beside it.
+
+    >>> section_name("flac", 48000, 2)
+    'analyze_flac_48k_2ch'
+    >>> section_name("wav", 22050, 1)
+    'analyze_wav_22.05k_1ch'
+    """
+    return f"analyze_{fmt}_{sample_rate / 1000:g}k_{channels}ch"
 
 
 def analyze_speed(

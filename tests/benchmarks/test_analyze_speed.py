@@ -69,7 +69,7 @@ def test_analyze_speed_through_the_cli(bundle: Path, tmp_path: Path,
     assert (ctx["threads"], ctx["batch_size"], ctx["model"]) == (1, 5, "model.onnx")
     assert ctx["input"] == {"format": "flac", "rate": 48000, "channels": 1, "seed": 0}
     stored = json.loads((tmp_path / "res" / f"{ctx['machine_id']}.json").read_text())
-    assert stored["benchmarks"]["analyze"]["result"]["rows"] == rows
+    assert stored["benchmarks"]["analyze_flac_48k_1ch"]["result"]["rows"] == rows
     assert list((tmp_path / "work").iterdir()) == []  # recordings and outputs removed
 
 
