@@ -69,7 +69,7 @@ def test_analyze_speed_through_the_cli(bundle: Path, tmp_path: Path,
     assert (ctx["threads"], ctx["batch_size"], ctx["model"]) == (1, 5, "model.onnx")
     assert ctx["input"] == {"format": "flac", "rate": 48000, "channels": 1, "seed": 0}
     stored = json.loads((tmp_path / "res" / f"{ctx['machine_id']}.json").read_text())
-    assert stored["benchmarks"]["analyze_flac_48k_1ch"]["result"]["rows"] == rows
+    assert stored["benchmarks"][f"analyze_{ctx['bundle']}_flac_48k_1ch"]["result"]["rows"] == rows
     assert list((tmp_path / "work").iterdir()) == []  # recordings and outputs removed
 
 
@@ -128,3 +128,15 @@ def test_pure_model_runs_full_batches_of_the_windows() -> None:
     assert (count, len(seen)) == (12, 5) and seconds >= 0
     assert all(b.shape == (3, 4) for b in seen)
     assert sorted({float(v) for b in seen for v in b[:, 0]}) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_the_ratio_goal_is_judged_on_the_hour_long_files() -> None:
+    def row(minutes: float, ratio: float) -> dict[str, float]:
+        return {"minutes": minutes, "ratio": ratio, "peak_rss_mb": 150.0}
+
+    hour = goals([row(10, 0.5), row(60, 0.85), row(120, 0.79)])
+    assert hour["judged_minutes"] == [60, 120] and hour["min_ratio"] == 0.79
+    assert not hour["ratio_met"]
+    assert goals([row(10, 0.5), row(60, 0.85)])["ratio_met"]
+    short = goals([row(5, 0.9), row(1, 0.2)])  # no hour-long file: the longest is judged
+    assert short["judged_minutes"] == [5] and short["ratio_met"]
