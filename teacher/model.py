@@ -127,7 +127,6 @@ def build_llm(cfg: TeacherConfig, vocab_needed: int) -> nn.Module:
     return llm
 
 
-
 def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                          weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits`` [B, L, V] over the answer tokens of
@@ -139,6 +138,7 @@ def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     counted = (targets != IGNORE).to(per_token.dtype).sum(dim=1)
     w = torch.ones_like(counted) if weights is None else weights.to(counted.device, counted.dtype)
     return (per_token.sum(dim=1) * w).sum() / (counted * w).sum().clamp_min(1e-12)
+
 
 class NatureLM(nn.Module):
     """The teacher. Submodule names follow the official checkpoint (see `teacher.official`).
