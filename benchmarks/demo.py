@@ -346,7 +346,7 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
 def pretrain_tiny_encoder(o: Options, corpus: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     """Pretrain the tiny teacher's BEATs on the clip labels (nothing pretrained exists offline,
     while NatureLM-audio starts from a pretrained BEATs) and return the teacher-config overrides
-    that load it, frozen. Measured on the default corpus: 6.1% (from scratch) -> 61.9%
+    that load it, frozen. Measured on the default corpus: 6.1% (from scratch) -> 70.1%
     held-out species accuracy."""
     from teacher.pretrain import pretrain_encoder
 
