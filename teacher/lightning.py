@@ -197,7 +197,8 @@ class TeacherModule(pl.LightningModule):
                  task_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         bad = {task: w for task, w in (task_weights or {}).items()
-               if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)}
+               if isinstance(w, bool) or not isinstance(w, (int, float))
+               or not (math.isfinite(w) and w > 0)}
         if bad:
             raise ValueError(f"task_weights must be finite and > 0, got {bad}")
         self.teacher_config = resolve_config(preset, config)

@@ -405,7 +405,7 @@ def test_grouped_loss_equals_the_per_example_loss(corpus: Path, train_encoder: b
 
 
 def test_task_weights_reach_the_model(corpus: Path) -> None:
-    for bad in (0.0, -1.0, float("nan"), "2"):
+    for bad in (0.0, -1.0, float("nan"), "2", True):
         with pytest.raises(ValueError, match="task_weights must be finite and > 0"):
             TeacherModule(config=SMALL, task_weights={"species": bad})
     torch.manual_seed(0)
