@@ -188,15 +188,25 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def student_config(size: str, arch: str = "cnn", *, tasks: Mapping[str, TaskHead],
-                   frontend: FrontEndConfig | None = None, **overrides: Any) -> StudentConfig:
+                   frontend: FrontEndConfig | Mapping[str, Any] | None = None,
+                   **overrides: Any) -> StudentConfig:
     """The named preset ``size`` (``s``, ``m``, ``l``: about 0.3M, 1.5M, 6M parameters).
 
     Unknown sizes or archs raise; ``frontend`` and keyword ``overrides`` replace preset fields.
+    A mapping ``frontend`` (as ``distill fit --model.config '{"frontend": {"n_mels": 64}}'``
+    gives) overrides fields of the size's own front end; unknown keys raise.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown student arch {arch!r}; known: {ARCHS}")
     if size not in SIZES:
         raise ValueError(f"unknown student size {size!r}; known: {SIZES}")
+    if isinstance(frontend, Mapping):
+        known = {f.name for f in fields(FrontEndConfig)}
+        unknown = sorted(set(frontend) - known)
+        if unknown:
+            raise ValueError(f"unknown front-end field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        frontend = replace(FRONTENDS[size], **frontend)
     cfg = StudentConfig(tasks=dict(tasks), arch=arch, size=size,
                         frontend=frontend or FRONTENDS[size], **PRESETS[(arch, size)])
     return replace(cfg, **overrides) if overrides else cfg

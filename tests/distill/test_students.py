@@ -77,6 +77,17 @@ def test_unknown_presets_raise() -> None:
         StudentConfig.from_dict({**student_config("s", tasks=HEADS).to_dict(), "depthh": 3})
 
 
+
+def test_a_front_end_mapping_overrides_the_sizes_own() -> None:
+    """What ``distill fit --model.config '{"frontend": {...}}'`` passes: a plain mapping."""
+    cfg = student_config("s", tasks=HEADS, frontend={"n_mels": 64, "fmin": 50.0})
+    assert isinstance(cfg.frontend, FrontEndConfig)
+    assert (cfg.frontend.n_mels, cfg.frontend.fmin) == (64, 50.0)
+    assert cfg.frontend.n_fft == student_config("s", tasks=HEADS).frontend.n_fft  # kept
+    assert StudentConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown front-end field.*mels; known: center"):
+        student_config("s", tasks=HEADS, frontend={"mels": 64})
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_config_round_trip_rebuilds_the_same_model(arch: str, birds16k: torch.Tensor) -> None:
     cfg = student_config("s", arch, tasks=HEADS,
