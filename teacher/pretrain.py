@@ -241,12 +241,41 @@ def _format(metrics: dict[str, float], heads: dict[str, TaskHead]) -> str:
                      for t, v in metrics.items())
 
 
-def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 8,
+def pretraining_records(manifest: Path, extra_manifests: Sequence[Path], train_split: str,
+                        ) -> tuple[list[Record], list[Record]]:
+    """``manifest``'s records, and every record of ``extra_manifests`` moved into
+    ``train_split``. A clip (the same audio file span, `distill.label.clip_key`) in two of the
+    manifests raises ``ManifestError`` naming both files: it would be trained on twice, or
+    leak into the held-out split. Record ids may repeat across manifests (each corpus names
+    its own clips)."""
+    from dataclasses import replace
+
+    from corpus.manifest import read_manifest
+    from distill.label import clip_key
+
+    records = read_manifest(manifest)
+    seen = {clip_key(r): (0, manifest) for r in records}
+    extra: list[Record] = []
+    for index, path in enumerate(extra_manifests, start=1):
+        own = read_manifest(path)
+        for record in own:
+            first = seen.get(clip_key(record), (index, path))
+            if first[0] != index:
+                raise ManifestError(path, f"record {record.id!r} is audio that {first[1]} "
+                                          "also holds: the extra manifests must hold other "
+                                          "clips")
+        seen.update((clip_key(r), (index, path)) for r in own)
+        extra += [replace(r, split=train_split) for r in own]
+    return records, extra
+
+
+def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 11,
                      batch_size: int = 16, lr: float = 2e-3, num_threads: int = 1,
                      max_minutes: float | None = None, weight_decay: float = 0.01,
                      warmup_steps: int = 30, train_split: str = "train",
                      val_split: str = "valid", seed: int = 0,
-                     clip_s: float | None = None, time_roll: bool = True) -> int:
+                     clip_s: float | None = None, time_roll: bool = True,
+                     extra_manifests: list[Path] | None = None) -> int:
     """Train the ``preset`` teacher's encoder on the clip labels of ``manifest``; save it.
 
     The encoder config is the teacher preset's (``teacher.config.teacher_config(preset)``;
@@ -256,7 +285,10 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
     small corpus is otherwise memorised within a few epochs). AdamW
     with linear warm-up and cosine decay over ``epochs`` (stopping early once
     ``max_minutes`` have passed); per-task validation figures are printed after each epoch
-    and stored in the checkpoint under ``"pretrain"``. Writes ``out`` atomically as
+    and stored in the checkpoint under ``"pretrain"``. ``extra_manifests`` add more
+    training clips, every clip of each (all its splits: a separate pretraining corpus, such
+    as a synthetic chorus of another seed, whose recordings are not the held-out ones of
+    ``manifest``); the held-out figures stay on ``manifest``'s ``val_split``. Writes ``out`` atomically as
     ``{"cfg", "model", "pretrain"}``; returns 0.
 
     Args:
@@ -275,10 +307,11 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
         seed: seeds the initialisation, the order and the rotations.
         clip_s: clip length in seconds (default: the preset's).
         time_roll: rotate each training clip's fbank in time by a random amount.
+        extra_manifests: further manifests trained on whole (every split); the same clip
+            in two manifests is refused.
     """
     import torch
 
-    from corpus.manifest import read_manifest
     from runtime.files import atomic_stream
     from teacher.beats import beats_state_dict_keys
     from teacher.config import teacher_config
@@ -288,11 +321,11 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
         raise ValueError("epochs, batch_size and num_threads must be at least 1")
     cfg = teacher_config(preset)
     samples = cfg.clip_samples if clip_s is None else int(round(clip_s * cfg.sample_rate))
-    records = read_manifest(manifest)
-    clips, heads = clip_targets(records)
+    records, extra = pretraining_records(manifest, extra_manifests or [], train_split)
+    clips, heads = clip_targets([*records, *extra])
     train = [c for c in clips if c.split == train_split]
     val = [c for c in clips if c.split == val_split]
-    if not train:
+    if not any(r.split == train_split for r in records):
         raise ManifestError(manifest, f"no clips in split {train_split!r}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
@@ -345,7 +378,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
             "cfg": cfg.encoder.to_dict(),
             "model": beats_state_dict_keys(state),
             "pretrain": {"preset": preset, "manifest": os.fspath(manifest),
-                         "time_roll": time_roll,
+                         "extra_manifests": [os.fspath(m) for m in extra_manifests or []],
+                         "train_clips": len(train), "time_roll": time_roll,
                          "tasks": {t: list(h.labels) for t, h in heads.items()},
                          "history": history},
         }

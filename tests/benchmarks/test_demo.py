@@ -142,6 +142,13 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     assert list(final["stages_s"]) == names
     markers = {p.name: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
     assert len(markers) == 9 and not list((out / "stages").glob("*.started.json"))
+    # the encoder pretraining also trained on the second chorus (the next seed)
+    extra = Path(markers["01-corpus.json"]["outputs"]["pretrain_manifest"])
+    assert extra.is_file() and extra.parent == out / "corpus-pretrain"
+    import torch
+
+    pretrain = torch.load(out / "teacher" / "encoder.pt", weights_only=True)["pretrain"]
+    assert pretrain["extra_manifests"] == [str(extra)]
     models = {m["model"]: m for m in final["models"]}
     assert list(models) == ["teacher", "demo-s fp32", "demo-s fp16", "demo-s int8"]
     for m in models.values():

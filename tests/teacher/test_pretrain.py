@@ -136,3 +136,37 @@ def test_roll_time_rotates_each_clip_on_its_own() -> None:
         shift = next(s for s in range(50) if torch.equal(torch.roll(clip, s, dims=0), out))
         shifts.append(shift)
     assert len(set(shifts)) > 1  # not one shift for the whole batch
+
+
+def test_extra_manifests_are_trained_whole_and_may_not_share_clips(tmp_path: Path) -> None:
+    from teacher.pretrain import pretraining_records
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    main = _corpus(tmp_path / "a", {"train": 2, "valid": 1})
+    extra = _corpus(tmp_path / "b", {"train": 1, "valid": 1, "test": 1})  # same record ids
+    records, added = pretraining_records(main, [extra], "train")
+    assert {r.split for r in records} == {"train", "valid"}
+    assert len(added) == 2 * 3 * 2 and {r.split for r in added} == {"train"}
+    assert {r.id for r in added} <= {r.id for r in records} | {f"c{i}.{t}" for i in range(6)
+                                                               for t in ("species", "detection")}
+    with pytest.raises(ManifestError, match=r"also holds: the extra manifests must hold other"):
+        pretraining_records(main, [main], "train")
+    with pytest.raises(ManifestError, match=str(extra)):
+        pretraining_records(main, [extra, extra], "train")
+
+
+def test_cli_pretrain_with_an_extra_corpus(tmp_path: Path) -> None:
+    from naturelm_edge.cli import main as cli
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    main = _corpus(tmp_path / "a", {"train": 2, "valid": 1})
+    extra = _corpus(tmp_path / "b", {"train": 1, "test": 1})
+    out = tmp_path / "enc.pt"
+    assert cli(["teacher", "pretrain", str(main), str(out), "--epochs", "1", "--batch-size",
+                "4", "--clip-s", str(CLIP_S), "--extra-manifests", str(extra)]) == 0
+    info = torch.load(out, weights_only=True)["pretrain"]
+    assert info["train_clips"] == 2 * 2 + 2 * 2  # main's train clips + every extra clip
+    assert info["extra_manifests"] == [str(extra)]
+    assert [h["epoch"] for h in info["history"]] == [1.0]
