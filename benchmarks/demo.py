@@ -364,7 +364,7 @@ def pretrain_tiny_encoder(o: Options, corpus: Mapping[str, Any], folder: Path) -
     extra = [Path(corpus["pretrain_manifest"])] if corpus.get("pretrain_manifest") else []
     code = pretrain_encoder(Path(corpus["manifest"]), path, preset="tiny",
                             epochs=o.plan.pretrain_epochs, num_threads=o.threads or 1,
-                            extra_manifests=extra)
+                            extra_manifests=extra, device=o.torch_device)
     if code != 0 or not path.is_file():
         raise InputError(path, f"encoder pretraining failed (exit code {code})")
     return {"encoder_checkpoint": str(path), "train_encoder": False}

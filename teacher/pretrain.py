@@ -194,12 +194,12 @@ def _loss(logits: dict[str, Any], targets: dict[str, Any], index: Any,
     for task, head in heads.items():
         if head.multi_label:
             hot, present = targets[task]
-            hot, present = hot[index], present[index]
+            hot, present = hot[index].to(total.device), present[index].to(total.device)
             if present.any():
                 total = total + F.binary_cross_entropy_with_logits(
                     logits[task][present], hot[present])
         else:
-            target = targets[task][index]
+            target = targets[task][index].to(total.device)
             if (target >= 0).any():
                 total = total + F.cross_entropy(logits[task], target, ignore_index=-100)
     return total
@@ -207,16 +207,18 @@ def _loss(logits: dict[str, Any], targets: dict[str, Any], index: Any,
 
 def evaluate(model: Any, feats: Any, targets: dict[str, Any], heads: dict[str, TaskHead],
              batch_size: int) -> dict[str, float]:
-    """Per task: accuracy (single-label) or micro-F1 at probability 0.5 (multi-label)."""
+    """Per task: accuracy (single-label) or micro-F1 at probability 0.5 (multi-label); the
+    model may sit on any device, ``feats`` and ``targets`` stay on the CPU."""
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in heads}
     with torch.no_grad():
         for start in range(0, feats.shape[0], batch_size):
-            _, logits = model(feats[start:start + batch_size].float())
+            _, logits = model(feats[start:start + batch_size].to(device).float())
             for task in heads:
-                outs[task].append(logits[task])
+                outs[task].append(logits[task].cpu())
     model.train()
     metrics: dict[str, float] = {}
     for task, head in heads.items():
@@ -275,7 +277,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
                      warmup_steps: int = 30, train_split: str = "train",
                      val_split: str = "valid", seed: int = 0,
                      clip_s: float | None = None, time_roll: bool = True,
-                     extra_manifests: list[Path] | None = None) -> int:
+                     extra_manifests: list[Path] | None = None, device: str = "cpu") -> int:
     """Train the ``preset`` teacher's encoder on the clip labels of ``manifest``; save it.
 
     The encoder config is the teacher preset's (``teacher.config.teacher_config(preset)``;
@@ -309,6 +311,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
         time_roll: rotate each training clip's fbank in time by a random amount.
         extra_manifests: further manifests trained on whole (every split); the same clip
             in two manifests is refused.
+        device: torch device of the training steps (cpu, cuda, cuda:1); the fbank is
+            computed once on the CPU and each batch is moved to it.
     """
     import torch
 
@@ -319,6 +323,12 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
 
     if epochs < 1 or batch_size < 1 or num_threads < 1:
         raise ValueError("epochs, batch_size and num_threads must be at least 1")
+    try:
+        run_on = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown torch device {device!r} ({exc})") from exc
+    if run_on.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device here")
     cfg = teacher_config(preset)
     samples = cfg.clip_samples if clip_s is None else int(round(clip_s * cfg.sample_rate))
     records, extra = pretraining_records(manifest, extra_manifests or [], train_split)
@@ -337,6 +347,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
         val_feats = load_fbank(val, model.beats, samples)
         train_targets = _target_tensors(train, heads)
         val_targets = _target_tensors(val, heads)
+        model.to(run_on)
         print(f"pretrain {preset}: {len(train)} train / {len(val)} val clips loaded in "
               f"{time.monotonic() - started:.0f} s; tasks "
               + ", ".join(f"{t} ({len(h.labels)})" for t, h in heads.items()), flush=True)
@@ -357,7 +368,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
             for step in range(steps_per_epoch):
                 index = order[step * batch_size:(step + 1) * batch_size]
                 batch = train_feats[index].float()
-                _, logits = model(roll_time(batch, generator) if time_roll else batch)
+                batch = roll_time(batch, generator) if time_roll else batch
+                _, logits = model(batch.to(run_on))
                 loss = _loss(logits, train_targets, index, heads)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -373,7 +385,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
                   f"{running / steps_per_epoch:.3f}  val {_format(metrics, heads)}", flush=True)
             if max_minutes is not None and minutes >= max_minutes:
                 break
-        state = {k: v.detach().clone() for k, v in model.beats.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in model.beats.state_dict().items()}
         checkpoint = {
             "cfg": cfg.encoder.to_dict(),
             "model": beats_state_dict_keys(state),

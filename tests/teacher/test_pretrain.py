@@ -170,3 +170,25 @@ def test_cli_pretrain_with_an_extra_corpus(tmp_path: Path) -> None:
     assert info["train_clips"] == 2 * 2 + 2 * 2  # main's train clips + every extra clip
     assert info["extra_manifests"] == [str(extra)]
     assert [h["epoch"] for h in info["history"]] == [1.0]
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(tmp_path: Path) -> None:
+    manifest = _corpus(tmp_path, {"train": 1})
+    with pytest.raises(ValueError, match="unknown torch device 'gpu0'"):
+        pretrain_encoder(manifest, tmp_path / "enc.pt", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            pretrain_encoder(manifest, tmp_path / "enc.pt", device="cuda")
+    assert not (tmp_path / "enc.pt").exists()
+
+
+@pytest.mark.cuda
+def test_pretraining_on_cuda_writes_a_cpu_checkpoint(tmp_path: Path) -> None:
+    manifest = _corpus(tmp_path, {"train": 4, "valid": 2})
+    out = tmp_path / "enc.pt"
+    assert pretrain_encoder(manifest, out, epochs=2, batch_size=4, clip_s=CLIP_S,
+                            device="cuda") == 0
+    state = torch.load(out, weights_only=True)
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    assert 0.0 <= state["pretrain"]["history"][-1]["species"] <= 1.0
+    assert load_beats(out).cfg == teacher_config("tiny").encoder
