@@ -261,9 +261,9 @@ def pretraining_records(manifest: Path, extra_manifests: Sequence[Path], train_s
     for index, path in enumerate(extra_manifests, start=1):
         own = read_manifest(path)
         for record in own:
-            first = seen.get(clip_key(record), (index, path))
-            if first[0] != index:
-                raise ManifestError(path, f"record {record.id!r} is audio that {first[1]} "
+            key = clip_key(record)
+            if key in seen and seen[key][0] != index:
+                raise ManifestError(path, f"record {record.id!r} is audio that {seen[key][1]} "
                                           "also holds: the extra manifests must hold other "
                                           "clips")
         seen.update((clip_key(r), (index, path)) for r in own)
@@ -290,8 +290,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
     and stored in the checkpoint under ``"pretrain"``. ``extra_manifests`` add more
     training clips, every clip of each (all its splits: a separate pretraining corpus, such
     as a synthetic chorus of another seed, whose recordings are not the held-out ones of
-    ``manifest``); the held-out figures stay on ``manifest``'s ``val_split``. Writes ``out`` atomically as
-    ``{"cfg", "model", "pretrain"}``; returns 0.
+    ``manifest``); the held-out figures stay on ``manifest``'s ``val_split``. Writes ``out``
+    atomically as ``{"cfg", "model", "pretrain"}``; returns 0.
 
     Args:
         manifest: a JSONL / CSV manifest whose records carry the clip labels.
