@@ -111,6 +111,10 @@ def soak(bundle: Path | None, days: int, per_day: int, seconds: float, history: 
             from benchmarks.fixtures import make_bundle
 
             bundle = make_bundle(root / "bundle")
+        elif not bundle.is_dir():
+            from runtime.bundle import load_bundle
+
+            bundle = load_bundle(bundle, extract_to=root / "unpacked").root
         inbox, out = root / "inbox", root / "out"
         inbox.mkdir()
         start = dt.date(2024, 5, 1)

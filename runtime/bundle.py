@@ -18,7 +18,8 @@ every entry was checked (no absolute paths, no ``..``, no links, no devices).
     >>> _ = write_bundle_manifest(folder, manifest)
     >>> verify_bundle(folder)
     []
-    >>> load_bundle(bundle_tar(folder)).manifest.tasks[0].labels
+    >>> unpacked = load_bundle(bundle_tar(folder), extract_to=folder.with_name("unpacked"))
+    >>> unpacked.manifest.tasks[0].labels
     ('Kea', 'Tui')
 """
 
@@ -302,12 +303,14 @@ def bundle_tar(folder: str | os.PathLike[str], out: str | os.PathLike[str] | Non
 
 def load_bundle(path: str | os.PathLike[str], extract_to: str | os.PathLike[str] | None = None,
                 check_hashes: bool = True) -> Bundle:
-    """Load a bundle folder or .tar.gz (extracted safely into `extract_to`, by default a new
-    temporary folder). With `check_hashes` every listed file must exist and match its sha256.
+    """Load a bundle folder or .tar.gz (extracted safely into `extract_to`, which the caller
+    owns and removes: a field unit that restarts for months must not fill /tmp with copies).
+    With `check_hashes` every listed file must exist and match its sha256.
 
     Raises:
         ManifestError: no bundle.json, malformed or unknown schema, unsafe tar entry,
-            missing model file, or (with `check_hashes`) a missing or tampered file.
+            missing model file, (with `check_hashes`) a missing or tampered file, or an
+            archive with no `extract_to`.
     """
     root = _bundle_root(Path(path), extract_to)
     manifest = _read_manifest(root)
@@ -345,8 +348,10 @@ def _bundle_root(path: Path, extract_to: str | os.PathLike[str] | None) -> Path:
         raise ManifestError(path, f"not a bundle: no {MANIFEST} in the folder")
     if not path.is_file():
         raise ManifestError(path, "bundle not found")
-    target = Path(extract_to) if extract_to is not None else Path(
-        tempfile.mkdtemp(prefix="naturelm-bundle-"))
+    if extract_to is None:
+        raise ManifestError(path, f"an archive, and this command needs a bundle folder: unpack "
+                                  f"it first (tar xzf {path.name})")
+    target = Path(extract_to)
     safe_extract(path, target)
     if (target / MANIFEST).is_file():
         return target

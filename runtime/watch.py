@@ -40,6 +40,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -366,34 +367,36 @@ def watch(
         stop_after_s: stop by itself after this many seconds (default: run until SIGTERM).
     """
     _setup_logging(log_file, log_max_mb)
-    try:
-        if policy == "move" and done_dir is None:
-            raise ValueError("--policy move needs --done-dir")
-        if queue_size < 1 or settle_s < 0 or poll_s <= 0:
-            raise ValueError("queue_size must be >= 1, settle_s >= 0 and poll_s > 0")
-        if not inbox.is_dir():
-            raise ValueError(f"{inbox}: inbox folder not found")
-        loaded = load_bundle(bundle)
-        settings = make_settings(loaded.manifest, None, None, tasks, threshold, thresholds_file,
-                                 None, include, exclude, True, 0.0, formats, None)
-        runner = open_runner(loaded, backend, threads=threads, precision=precision)
-        model = Path(str(getattr(runner, "model", getattr(runner, "engine_path", "")))).name
-        journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, model), resume=True)
-        daemon = Watcher(loaded, settings, runner, journal, inbox, out, policy, done_dir,
-                         settle_s, queue_size, batch_size)
-        daemon.start()
-    except (InputError, ValueError, KeyError) as exc:
-        log.error("watch: %s", exc)
-        return 2
-    started = time.monotonic()
-    log.info("watching %s with %s on %s (policy %s)", inbox, model, backend, policy)
-    with _stop_on_signals() as stop, journal, runner:
-        while not stop.is_set():
-            daemon.round(stop)
-            if stop_after_s is not None and time.monotonic() - started >= stop_after_s:
-                break
-            stop.wait(poll_s)
-    log.info("stopped")
+    # a .tar.gz bundle is extracted into a scratch folder that goes when the daemon stops
+    with tempfile.TemporaryDirectory(prefix="naturelm-bundle-") as scratch:
+        try:
+            if policy == "move" and done_dir is None:
+                raise ValueError("--policy move needs --done-dir")
+            if queue_size < 1 or settle_s < 0 or poll_s <= 0:
+                raise ValueError("queue_size must be >= 1, settle_s >= 0 and poll_s > 0")
+            if not inbox.is_dir():
+                raise ValueError(f"{inbox}: inbox folder not found")
+            loaded = load_bundle(bundle, extract_to=scratch)
+            settings = make_settings(loaded.manifest, None, None, tasks, threshold, thresholds_file,
+                                     None, include, exclude, True, 0.0, formats, None)
+            runner = open_runner(loaded, backend, threads=threads, precision=precision)
+            model = Path(str(getattr(runner, "model", getattr(runner, "engine_path", "")))).name
+            journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, model), resume=True)
+            daemon = Watcher(loaded, settings, runner, journal, inbox, out, policy, done_dir,
+                             settle_s, queue_size, batch_size)
+            daemon.start()
+        except (InputError, ValueError, KeyError) as exc:
+            log.error("watch: %s", exc)
+            return 2
+        started = time.monotonic()
+        log.info("watching %s with %s on %s (policy %s)", inbox, model, backend, policy)
+        with _stop_on_signals() as stop, journal, runner:
+            while not stop.is_set():
+                daemon.round(stop)
+                if stop_after_s is not None and time.monotonic() - started >= stop_after_s:
+                    break
+                stop.wait(poll_s)
+        log.info("stopped")
     return 0
 
 

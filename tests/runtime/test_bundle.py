@@ -41,6 +41,12 @@ def test_folder_and_archive_load_the_same_manifest(bundle_dir: Path, tmp_path: P
     assert bundle_tar(bundle_dir, tmp_path / "again.tar.gz").read_bytes() == archive.read_bytes()
 
 
+def test_an_archive_needs_a_folder_to_extract_into(bundle_dir: Path) -> None:
+    archive = bundle_tar(bundle_dir)
+    with pytest.raises(ManifestError, match=r"tones.tar.gz.*unpack it first"):
+        load_bundle(archive)
+
+
 def test_model_is_picked_per_backend(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     assert bundle.model_for("cpu").variant == "stft"

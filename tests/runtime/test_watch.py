@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from runtime.analyze import JOURNAL, make_settings
-from runtime.bundle import load_bundle
+from runtime.bundle import bundle_tar, load_bundle
 from runtime.journal import Entry, Journal
 from runtime.runners import open_runner
 from runtime.watch import Inbox, Watcher, apply_policy, recording_day
@@ -26,7 +27,8 @@ from tests.runtime.model_fixtures import BAND_HZ, RATE, make_bundle, tone
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(bundle: Path, inbox: Path, out: Path, done: Path, extra: str = "") -> subprocess.Popen:
+def _start(bundle: Path, inbox: Path, out: Path, done: Path, extra: str = "",
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -39,7 +41,7 @@ def _start(bundle: Path, inbox: Path, out: Path, done: Path, extra: str = "") ->
         sys.exit(run({extra}))
     """)
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
 
 
 def _journal(out: Path) -> dict[str, dict]:
@@ -101,6 +103,21 @@ def test_daemon_analyses_arrivals_waits_for_growing_files_and_stops_on_sigterm(
     again = _start(bundle, inbox, out, done, "stop_after_s=1.0")
     assert again.wait(timeout=30) == 0
     assert (out / "journal.jsonl").read_text().count("\n") == lines_before
+
+
+def test_an_archive_bundle_is_unpacked_for_the_daemon_and_removed_when_it_stops(
+        tmp_path: Path) -> None:
+    archive = bundle_tar(make_bundle(tmp_path / "bundle"))
+    inbox, out, scratch = tmp_path / "inbox", tmp_path / "out", tmp_path / "tmp"
+    inbox.mkdir()
+    scratch.mkdir()
+    sf.write(inbox / "a.wav", tone(1000.0, 2.0), RATE)
+    proc = _start(archive, inbox, out, tmp_path / "done", "settle_s=0.0, stop_after_s=1.0",
+                  env={**os.environ, "TMPDIR": str(scratch)})
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    assert _journal(out)["a.wav"]["status"] == "ok"
+    # months of restarts must not fill /tmp with unpacked bundles
+    assert list(scratch.glob("naturelm-bundle-*")) == []
 
 
 def test_inbox_waits_for_settled_files_and_policies(tmp_path: Path) -> None:
