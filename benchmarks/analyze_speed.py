@@ -224,16 +224,17 @@ def pure_model(infer: Callable[[Mapping[str, np.ndarray]], Any], windows: np.nda
 
 
 def decode_only(recording: Path, rate: int, window_s: float, hop_s: float,
-                block_s: float) -> tuple[int, float]:
-    """Windows and seconds to decode, resample and cut the whole of `recording` as
-    ``analyze``'s decoder thread does, with no model: the most decoding lets through."""
-    from runtime.audio import stream_audio
-    from runtime.windows import WindowSpec, iter_windows
+                block_s: float, batch_size: int) -> tuple[int, float]:
+    """Windows and seconds to decode, resample, cut and batch the whole of `recording` with
+    ``analyze``'s decoder (`runtime.analyze.decode_events`), with no model: the most
+    decoding lets through."""
+    from runtime.analyze import decode_events
+    from runtime.windows import WindowSpec
 
     spec = WindowSpec(window_s, hop_s, last="pad")
     start = time.perf_counter()
-    count = sum(1 for _ in iter_windows(stream_audio(recording, rate, block_s=block_s), rate,
-                                        spec))
+    count = sum(len(payload.owners) for kind, _, payload in decode_events(
+        [recording], rate, spec, None, block_s, batch_size) if kind == "batch")
     return count, time.perf_counter() - start
 
 
@@ -257,7 +258,7 @@ def measure_length(bundle: Path, loaded: Bundle, runner: Runner, minutes: float,
         windows = leading_windows(recording, m.sample_rate, m.window_s, m.hop_s,
                                   4 * setup.batch_size)
         decoded, decode_s = decode_only(recording, m.sample_rate, m.window_s, m.hop_s,
-                                        setup.block_s)
+                                        setup.block_s, setup.batch_size)
         before = pure_model(runner.infer, windows, setup.batch_size, pure_s)
         child = run_analyze(bundle, recording, folder / f"out-{minutes:g}", setup)
         after = pure_model(runner.infer, windows, setup.batch_size, pure_s)

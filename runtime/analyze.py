@@ -1,9 +1,9 @@
 """`naturelm-edge analyze BUNDLE PATH...`: detections for recordings of any length.
 
 Files, folders (searched recursively for audio) and globs are decoded in blocks by a
-producer thread (memory stays flat whatever the length), resampled to the bundle's rate and
-cut into windows; the main thread batches windows across recordings, runs the model and
-turns the scores into detections. Each finished recording gets its outputs written
+producer thread (memory stays flat whatever the length), resampled to the bundle's rate, cut
+into windows and stacked into batches across recordings; the main thread only runs the model
+and turns the scores into detections. Each finished recording gets its outputs written
 atomically and then a line in the journal (`journal.jsonl`), so a run killed at any point
 resumes with no duplicate, missing or torn output. Bad recordings go to `errors.csv` with
 the reason and the run goes on; the exit code is 1 if any recording failed.
@@ -285,26 +285,116 @@ class _Recording:
     """Bookkeeping for one recording while its windows are in flight."""
 
     path: Path
-    windows_queued: int = 0
     windows_done: int = 0
-    ended: bool = False
+    windows_total: int | None = None  # known once the decoder reached the end
     duration_s: float = 0.0
     reached_s: float = 0.0
     detections: list[Detection] = field(default_factory=list)
 
+    @property
+    def complete(self) -> bool:
+        return self.windows_done == self.windows_total
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Windows of one or more recordings stacked for a model call: ``audio`` is float32
+    [n, samples]; per row the recording's index in the run and the window's times."""
+
+    audio: np.ndarray
+    owners: np.ndarray
+    start_s: np.ndarray
+    end_s: np.ndarray
+
+
+class _BatchBuilder:
+    """Copies windows straight into a batch array as they are cut (the only copy after
+    the cut); full batches are handed out, a recording that fails has its rows taken back."""
+
+    def __init__(self, batch_size: int, samples: int) -> None:
+        self.batch_size, self.samples = batch_size, samples
+        self._new()
+
+    def _new(self) -> None:
+        self.audio = np.empty((self.batch_size, self.samples), dtype=np.float32)
+        self.rows: list[tuple[int, float, float]] = []
+
+    def add(self, owner: int, window: Window) -> WindowBatch | None:
+        self.audio[len(self.rows)] = window.samples
+        self.rows.append((owner, window.start_s, window.end_s))
+        return self.take() if len(self.rows) == self.batch_size else None
+
+    def drop(self, owner: int) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row[0] != owner]
+        self.audio[: len(keep)] = self.audio[keep]
+        self.rows = [self.rows[i] for i in keep]
+
+    def take(self) -> WindowBatch | None:
+        if not self.rows:
+            return None
+        owners, starts, ends = (np.array(column) for column in zip(*self.rows, strict=True))
+        batch = WindowBatch(self.audio[: len(self.rows)], owners, starts, ends)
+        self._new()
+        return batch
+
+
+Event = tuple[str, int, Any]
+
+
+def decode_events(recordings: Sequence[Path], rate: int, spec: WindowSpec,
+                  channel: int | None, block_s: float, batch_size: int) -> Iterator[Event]:
+    """What the decoder thread hands the model loop, in order: ``("batch", -1, WindowBatch)``
+    (full ones, windows of consecutive recordings mixed), ``("end", index, (seconds,
+    windows))`` once a recording is decoded, ``("error", index, reason)`` for a recording
+    that cannot be used (its windows not yet handed out are taken back; it comes after every
+    batch holding the others), and a last partial batch then ``("done", -1, None)``."""
+    from runtime.audio import stream_audio
+
+    size, _ = spec.frames(rate)
+    builder = _BatchBuilder(batch_size, size)
+    for index, path in enumerate(recordings):
+        windows = 0
+        try:
+            blocks = _Counted(stream_audio(path, rate, block_s=block_s, channel=channel))
+            for window in iter_windows(blocks, rate, spec):
+                windows += 1
+                batch = builder.add(index, window)
+                if batch is not None:
+                    yield "batch", -1, batch
+        except (InputError, OSError) as exc:
+            builder.drop(index)
+            yield "error", index, exc.reason if isinstance(exc, InputError) else str(exc)
+            continue
+        yield "end", index, (blocks.samples / rate, windows)
+    last = builder.take()
+    if last is not None:
+        yield "batch", -1, last
+    yield "done", -1, None
+
+
+class _Counted:
+    """Blocks passed through, counting their samples (the recording's decoded length)."""
+
+    def __init__(self, blocks: Iterator[np.ndarray]) -> None:
+        self.blocks, self.samples = blocks, 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for block in self.blocks:
+            self.samples += len(block)
+            yield block
+
 
 class _Producer(threading.Thread):
-    """Decodes recordings in order and puts windows (and end / error markers) on a queue."""
+    """Runs `decode_events` and puts its events on a bounded queue (``("fatal", -1, exc)``
+    if decoding itself breaks, re-raised by the model loop)."""
 
-    def __init__(self, recordings: Sequence[Path], rate: int, spec: WindowSpec,
-                 channel: int | None, block_s: float, depth: int) -> None:
+    def __init__(self, events: Iterator[Event], depth: int) -> None:
         super().__init__(name="naturelm-edge-decoder", daemon=True)
-        self.recordings, self.rate, self.spec = recordings, rate, spec
-        self.channel, self.block_s = channel, block_s
-        self.items: queue.Queue[tuple[str, int, Any]] = queue.Queue(maxsize=depth)
+        self.events = events
+        self.items: queue.Queue[Event] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
-    def _put(self, item: tuple[str, int, Any]) -> None:
+    def _put(self, item: Event) -> None:
         while not self.stop.is_set():
             try:
                 self.items.put(item, timeout=0.2)
@@ -313,32 +403,13 @@ class _Producer(threading.Thread):
                 continue
 
     def run(self) -> None:
-        from runtime.audio import stream_audio
-
-        for index, path in enumerate(self.recordings):
-            samples = [0]
-
-            def counted(blocks: Iterator[np.ndarray], tally: list[int] = samples,
-                        ) -> Iterator[np.ndarray]:
-                for block in blocks:
-                    tally[0] += len(block)
-                    yield block
-
-            try:
-                blocks = stream_audio(path, self.rate, block_s=self.block_s, channel=self.channel)
-                for window in iter_windows(counted(blocks), self.rate, self.spec):
-                    if self.stop.is_set():
-                        return
-                    self._put(("window", index, window))
-            except (InputError, OSError) as exc:
-                reason = exc.reason if isinstance(exc, InputError) else str(exc)
-                self._put(("error", index, reason))
-                continue
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised
-                self._put(("fatal", index, exc))
-                return
-            self._put(("end", index, samples[0] / self.rate))
-        self._put(("done", -1, None))
+        try:
+            for event in self.events:
+                if self.stop.is_set():
+                    return
+                self._put(event)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised
+            self._put(("fatal", -1, exc))
 
 
 class Analysis:
@@ -376,62 +447,52 @@ class Analysis:
         self.todo = len(todo)
         self.total_s = _total_duration(todo)
         recs = [_Recording(p) for p in todo]
-        producer = _Producer(todo, self.bundle.manifest.sample_rate, self.settings.spec,
-                             self.settings.channel, block_s, depth=4 * batch_size)
+        events = decode_events(todo, self.bundle.manifest.sample_rate, self.settings.spec,
+                               self.settings.channel, block_s, batch_size)
+        producer = _Producer(events, depth=4)
         producer.start()
-        pending: list[tuple[int, Window]] = []
         try:
             while stop is None or not stop.is_set():
                 try:
                     kind, index, payload = producer.items.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if kind == "window":
-                    pending.append((index, payload))
-                    recs[index].windows_queued += 1
-                    if len(pending) >= batch_size:
-                        self._flush(runner, recs, pending, journal)
+                if kind == "batch":
+                    self._run_batch(runner, recs, payload, journal)
                 elif kind == "end":
-                    recs[index].ended, recs[index].duration_s = True, payload
-                    if recs[index].windows_done == recs[index].windows_queued:
-                        self._finish(recs[index], journal)
-                elif kind == "error":
-                    pending = [(i, w) for i, w in pending if i != index]
+                    rec = recs[index]
+                    rec.duration_s, rec.windows_total = payload
+                    if rec.complete:
+                        self._finish(rec, journal)
+                elif kind == "error":  # its windows already run are forgotten
                     self._fail(recs[index], payload, journal)
                 elif kind == "fatal":
                     raise payload
                 else:
-                    self._flush(runner, recs, pending, journal)
                     break
         finally:
             producer.stop.set()
             self._end_progress()
 
-    def _flush(self, runner: Runner, recs: list[_Recording],
-               pending: list[tuple[int, Window]], journal: Journal) -> None:
-        if not pending:
-            return
-        batch = np.stack([w.samples for _, w in pending]).astype(np.float32, copy=False)
-        outputs = runner.infer({"audio": batch})
-        owners = np.array([i for i, _ in pending])
-        starts = np.array([w.start_s for _, w in pending])
-        ends = np.array([w.end_s for _, w in pending])
+    def _run_batch(self, runner: Runner, recs: list[_Recording], batch: WindowBatch,
+                   journal: Journal) -> None:
+        outputs = runner.infer({"audio": batch.audio})
+        owners = np.unique(batch.owners)
         for name in self.settings.tasks:
             task = self.bundle.manifest.task(name)
             scores = activate(outputs[task.output], task.activation)
-            for index in np.unique(owners):
-                rows = owners == index
+            for index in owners:
+                rows = batch.owners == index
                 recs[index].detections += select(
-                    str(recs[index].path), starts[rows], ends[rows], task.name, task.labels,
-                    scores[rows], self.settings.thresholds, self.settings.top_k,
+                    str(recs[index].path), batch.start_s[rows], batch.end_s[rows], task.name,
+                    task.labels, scores[rows], self.settings.thresholds, self.settings.top_k,
                     self.settings.include, self.settings.exclude)
-        for index, window in pending:
+        for index in owners:
             rec = recs[index]
-            rec.windows_done += 1
-            self._advance(rec, window.end_s)
-        pending.clear()
-        for rec in {id(recs[i]): recs[i] for i in owners}.values():
-            if rec.ended and rec.windows_done == rec.windows_queued:
+            rows = batch.owners == index
+            rec.windows_done += int(rows.sum())
+            self._advance(rec, float(batch.end_s[rows].max()))
+            if rec.complete:
                 self._finish(rec, journal)
         self._show_progress()
 

@@ -191,7 +191,8 @@ def _decode_blocks(
             block = _read(handle, info, min(block_frames, count - done), start + done)
             if len(block) == 0:
                 break
-            _check_finite(info, block, channel, start + done)
+            if block.dtype != np.int16:
+                _check_finite(info, block, channel, start + done)
             mono = _to_mono(block, channel)
             done += len(block)
             out = mono if resampler is None else resampler.resample_chunk(mono)
@@ -224,8 +225,11 @@ def _seek(handle: sf.SoundFile, info: AudioInfo, frame: int) -> None:
 
 
 def _read(handle: sf.SoundFile, info: AudioInfo, frames: int, at: int) -> np.ndarray:
+    """Frames x channels: int16 for 16-bit PCM (libsndfile's float conversion of it costs 5x
+    the read; `_to_mono` scales it to exactly libsndfile's floats), else float32."""
+    dtype = "int16" if info.subtype == "PCM_16" else "float32"
     try:
-        return handle.read(frames, dtype="float32", always_2d=True)
+        return handle.read(frames, dtype=dtype, always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise AudioError(info.path, f"corrupt or truncated: decoding failed in the block from "
                                     f"{at / info.sample_rate:.3f} s "
@@ -246,11 +250,23 @@ def _check_finite(info: AudioInfo, block: np.ndarray, channel: int | None, at: i
 
 
 def _to_mono(block: np.ndarray, channel: int | None) -> np.ndarray:
-    if channel is not None:
-        return np.ascontiguousarray(block[:, channel])
-    if block.shape[1] == 1:
-        return np.ascontiguousarray(block[:, 0])
-    return block.mean(axis=1, dtype=np.float32)
+    """One float32 channel, or the mean of all; int16 blocks are scaled by 1 / 32768 as
+    libsndfile does, so both paths give the same floats. The channels are summed column by
+    column: numpy's mean over a short last axis runs 8x slower (2.2 s per hour of 48 kHz
+    stereo, more than the model)."""
+    columns = [channel] if channel is not None else range(block.shape[1])
+    if block.dtype == np.int16:
+        total = block[:, columns[0]].astype(np.int32)
+        for col in columns[1:]:
+            total += block[:, col]
+        mono = np.multiply(total, np.float32(1 / 32768), dtype=np.float32)
+    else:
+        mono = block[:, columns[0]].copy()
+        for col in columns[1:]:
+            mono += block[:, col]
+    if len(columns) > 1:
+        mono /= np.float32(len(columns))
+    return mono
 
 
 def _check_declared_data(path: str, log: str) -> None:

@@ -121,6 +121,8 @@ class _Buffer:
             self._pending = []
         lo = begin - self.start
         part = self._head[lo : lo + length]
+        if len(part) == length:
+            return part.copy()
         out = np.zeros(length, dtype=np.float32)
         out[: len(part)] = part
         return out
@@ -134,7 +136,8 @@ class _Buffer:
         while cut and len(self._head) <= cut and self._pending:
             cut -= len(self._head)
             self._head = self._pending.pop(0)
-        self._head = self._head[cut:].copy() if cut <= len(self._head) else self._head[:0]
+        # a view, not a copy: what it keeps alive is at most a window and a block
+        self._head = self._head[cut:] if cut <= len(self._head) else self._head[:0]
         self.start = position
 
 

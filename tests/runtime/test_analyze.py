@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from naturelm_edge.cli import parser_for
-from runtime.analyze import analyze
+from runtime.analyze import analyze, decode_events
 from runtime.audio import read_audio
 from runtime.bundle import load_bundle
 from runtime.postprocess import Thresholds, activate, select
@@ -155,6 +155,40 @@ def _bad_and_good_inputs(folder: Path) -> tuple[dict[str, str], list[str]]:
     return bad, good
 
 
+def test_decoder_batches_across_recordings_and_takes_back_a_failing_ones_windows(
+        bundle_dir: Path, tmp_path: Path) -> None:
+    first, bad, last = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav"
+    sf.write(first, _with_tones(2.5, [(0.0, 2.5, 1)], seed=1), RATE)
+    broken = _with_tones(4.0, [(0.0, 4.0, 1)], seed=2)
+    broken[round(2.5 * RATE)] = np.nan  # two windows are cut, then decoding fails
+    sf.write(bad, broken, RATE, subtype="FLOAT")
+    sf.write(last, _with_tones(1.0, [(0.0, 1.0, 1)], seed=3), RATE)
+    spec = WindowSpec(1.0, 1.0, last="pad")
+    events = list(decode_events([first, bad, last], RATE, spec, None, 0.3, batch_size=2))
+    kinds = [(kind, index) for kind, index, _ in events]
+    assert kinds == [("batch", -1), ("end", 0), ("batch", -1), ("error", 1), ("end", 2),
+                     ("batch", -1), ("done", -1)]
+    assert events[1][2] == (2.5, 3) and events[4][2] == (1.0, 1)
+    assert "NaN sample at 2.500 s" in events[3][2]
+    batches = [payload for kind, _, payload in events if kind == "batch"]
+    owners = np.concatenate([b.owners for b in batches]).tolist()
+    # b.wav's first window went out with a.wav's last; its second was taken back
+    assert owners == [0, 0, 0, 1, 2] and [len(b.owners) for b in batches] == [2, 2, 1]
+    for index, path in ((0, first), (2, last)):
+        want = [w.samples for w in iter_windows([read_audio(path, RATE)], RATE, spec)]
+        got = [b.audio[i] for b in batches for i in np.flatnonzero(b.owners == index)]
+        assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(
+            got, want, strict=True))
+    assert np.concatenate([b.end_s for b in batches]).tolist() == [1.0, 2.0, 2.5, 1.0, 1.0]
+    # the model loop discards the failed recording's window that went out in a batch
+    out = tmp_path / "out"
+    assert analyze(bundle_dir, [str(first), str(bad), str(last)], out=out, batch_size=2,
+                   block_s=0.3, tasks=["detection"], merge=False, progress=False) == 1
+    found = [(Path(r["file"]).name, r["label"]) for r in _csv_rows(out / "detections.csv")]
+    assert found == [("a.wav", "B")] * 3 + [("c.wav", "B")]
+    assert [Path(r["file"]).name for r in _csv_rows(out / "errors.csv")] == ["b.wav"]
+
+
 def test_every_bad_input_is_listed_and_the_run_goes_on(bundle_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in put"
     folder.mkdir()
@@ -221,7 +255,7 @@ def _analyze_script(bundle_dir: Path, paths: list[Path], out: Path, options: str
     return textwrap.dedent(f"""
         import json, sys, time
         t0 = time.perf_counter()
-        from runtime.analyze import analyze
+        from runtime.analyze import analyze, decode_events
         import_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         code = analyze({str(bundle_dir)!r}, {[str(p) for p in paths]!r}, out=__import__(

@@ -171,6 +171,23 @@ def test_channels_mix_to_mono_or_pick_one(tmp_path: Path, channels: int) -> None
         read_audio(path, channel=channels)
 
 
+@pytest.mark.parametrize("name", ["a.wav", "a.flac"])
+@pytest.mark.parametrize("channels", [1, 2, 3, 8])
+def test_16_bit_pcm_read_as_integers_gives_libsndfiles_floats_exactly(
+        tmp_path: Path, name: str, channels: int) -> None:
+    path = write_tone(tmp_path / name, rate=32000, seconds=0.3, channels=channels,
+                      subtype="PCM_16")
+    ref, _ = sf.read(str(path), dtype="float32", always_2d=True)  # libsndfile's conversion
+    mixed = ref[:, 0].copy()
+    for col in range(1, channels):
+        mixed += ref[:, col]
+    mixed /= np.float32(channels)
+    assert np.array_equal(read_audio(path, target_rate=None), mixed)
+    assert np.array_equal(read_audio(path, target_rate=None, channel=channels - 1),
+                          ref[:, -1])
+    np.testing.assert_allclose(read_audio(path, target_rate=None), ref.mean(axis=1), atol=1e-7)
+
+
 @pytest.mark.parametrize(("rate", "seconds"), [(8000, 1.0), (11025, 0.5), (96000, 0.25),
                                                (192000, 0.25), (384000, 0.25)])
 def test_rates_from_8k_to_384k_resample_to_16k(tmp_path: Path, rate: int, seconds: float) -> None:
