@@ -73,6 +73,8 @@ AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", "
                             ".aiff", ".aifc", ".w64", ".rf64", ".caf", ".au", ".snd"})
 DEFAULT_FORMATS = ("raven", "csv", "jsonl")
 JOURNAL, ERRORS = "journal.jsonl", "errors.csv"
+# Windows the decoder may run ahead of the model: 41 MB of 10 s windows at 16 kHz.
+QUEUE_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -181,10 +183,7 @@ def analyze(
                 run.record_error(journal, path, reason)
             todo = [r for r in recordings if journal.done(r) is None]
             run.resumed = len(recordings) - len(todo)
-            load_start = time.perf_counter()
-            with runner:
-                run.load_s = time.perf_counter() - load_start
-                run.process(runner, todo, journal, batch_size, block_s)
+            run.process(runner, todo, journal, batch_size, block_s, enter=True)
             run.write_combined(journal)
             failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
         run.summary(backend, model, failed)
@@ -439,9 +438,12 @@ class Analysis:
     # -- the consumer loop
 
     def process(self, runner: Runner, todo: Sequence[Path], journal: Journal,
-                batch_size: int, block_s: float, stop: threading.Event | None = None) -> None:
+                batch_size: int, block_s: float, stop: threading.Event | None = None,
+                enter: bool = False) -> None:
         """Analyse `todo`; a set `stop` ends the loop early, leaving the recordings not yet
-        finished out of the journal (they are analysed next time)."""
+        finished out of the journal (they are analysed next time). With `enter` the runner is
+        entered (its model loaded) here, once the decoder has started, so that the load and
+        the first blocks' decoding overlap; nothing is loaded when `todo` is empty."""
         if not todo:
             return
         self.todo = len(todo)
@@ -449,30 +451,40 @@ class Analysis:
         recs = [_Recording(p) for p in todo]
         events = decode_events(todo, self.bundle.manifest.sample_rate, self.settings.spec,
                                self.settings.channel, block_s, batch_size)
-        producer = _Producer(events, depth=4)
+        # at least QUEUE_WINDOWS windows decoded ahead (what the model load can overlap)
+        producer = _Producer(events, depth=max(4, -(-QUEUE_WINDOWS // batch_size)))
         producer.start()
         try:
-            while stop is None or not stop.is_set():
-                try:
-                    kind, index, payload = producer.items.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if kind == "batch":
-                    self._run_batch(runner, recs, payload, journal)
-                elif kind == "end":
-                    rec = recs[index]
-                    rec.duration_s, rec.windows_total = payload
-                    if rec.complete:
-                        self._finish(rec, journal)
-                elif kind == "error":  # its windows already run are forgotten
-                    self._fail(recs[index], payload, journal)
-                elif kind == "fatal":
-                    raise payload
-                else:
-                    break
+            with ExitStack() as model:
+                if enter:
+                    load_start = time.perf_counter()
+                    model.enter_context(runner)
+                    self.load_s = time.perf_counter() - load_start
+                self._consume(producer, runner, recs, journal, stop)
         finally:
             producer.stop.set()
             self._end_progress()
+
+    def _consume(self, producer: _Producer, runner: Runner, recs: list[_Recording],
+                 journal: Journal, stop: threading.Event | None) -> None:
+        while stop is None or not stop.is_set():
+            try:
+                kind, index, payload = producer.items.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "batch":
+                self._run_batch(runner, recs, payload, journal)
+            elif kind == "end":
+                rec = recs[index]
+                rec.duration_s, rec.windows_total = payload
+                if rec.complete:
+                    self._finish(rec, journal)
+            elif kind == "error":  # its windows already run are forgotten
+                self._fail(recs[index], payload, journal)
+            elif kind == "fatal":
+                raise payload
+            else:
+                return
 
     def _run_batch(self, runner: Runner, recs: list[_Recording], batch: WindowBatch,
                    journal: Journal) -> None:
@@ -599,7 +611,8 @@ class Analysis:
             f"analysed {self.finished} recording(s) ({self.ok} ok), "
             f"{self.resumed} already in the journal; {_clock(self.analysed_s)} of audio in "
             f"{_clock(wall)} ({speed:.1f}x real time) on {backend} with {Path(model).name}, "
-            f"model loaded in {self.load_s * 1000:.0f} ms",
+            + (f"model loaded in {self.load_s * 1000:.0f} ms" if self.todo else
+               "model not loaded (nothing to analyse)"),
             f"{self.new_detections} new detection(s); outputs in {self.out}",
         ]
         if failed:

@@ -189,6 +189,17 @@ def test_decoder_batches_across_recordings_and_takes_back_a_failing_ones_windows
     assert [Path(r["file"]).name for r in _csv_rows(out / "errors.csv")] == ["b.wav"]
 
 
+def test_a_rerun_with_nothing_left_to_do_loads_no_model(
+        bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, _with_tones(2.0, [(0.0, 1.0, 1)]), RATE)
+    assert analyze(bundle_dir, [str(path)], out=tmp_path / "out", progress=False) == 0
+    assert "model loaded in" in capsys.readouterr().out
+    assert analyze(bundle_dir, [str(path)], out=tmp_path / "out", progress=False) == 0
+    summary = capsys.readouterr().out
+    assert "1 already in the journal" in summary and "model not loaded" in summary
+
+
 def test_every_bad_input_is_listed_and_the_run_goes_on(bundle_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in put"
     folder.mkdir()
