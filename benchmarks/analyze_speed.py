@@ -234,7 +234,7 @@ def decode_only(recording: Path, rate: int, window_s: float, hop_s: float,
     spec = WindowSpec(window_s, hop_s, last="pad")
     start = time.perf_counter()
     count = sum(len(payload.owners) for kind, _, payload in decode_events(
-        [recording], rate, spec, None, block_s, batch_size) if kind == "batch")
+        [(0, recording)], rate, spec, None, block_s, batch_size) if kind == "batch")
     return count, time.perf_counter() - start
 
 

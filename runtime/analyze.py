@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +128,7 @@ def analyze(
     formats: list[str] | None = None,
     channel: int | None = None,
     block_s: float = 10.0,
+    decoders: int = 1,
     resume: bool = True,
     progress: bool = True,
 ) -> int:
@@ -154,6 +155,8 @@ def analyze(
         formats: outputs among raven, csv, jsonl, audacity (default: raven csv jsonl).
         channel: analyse this 0-based channel (default: the mean of all channels).
         block_s: seconds decoded at a time (memory stays flat whatever the length).
+        decoders: recordings decoded at once, one thread each (for many files on a machine
+            with cores to spare: a GPU backend, or more cores than --threads uses).
         resume: skip recordings the journal in --out lists as finished.
         progress: show a progress line with ETA and times-real-time on stderr.
     """
@@ -166,8 +169,8 @@ def analyze(
             settings = make_settings(loaded.manifest, hop_s, overlap_s, tasks, threshold,
                                      thresholds_file, top_k, include, exclude, merge, merge_gap_s,
                                      formats, channel)
-            if batch_size < 1 or block_s <= 0:
-                raise ValueError("batch_size must be >= 1 and block_s positive")
+            if batch_size < 1 or decoders < 1 or block_s <= 0:
+                raise ValueError("batch_size and decoders must be >= 1 and block_s positive")
             runner = open_runner(loaded, backend, threads=threads, precision=precision)
             model = str(getattr(runner, "model", getattr(runner, "engine_path", "")))
             journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, Path(model).name),
@@ -183,7 +186,8 @@ def analyze(
                 run.record_error(journal, path, reason)
             todo = [r for r in recordings if journal.done(r) is None]
             run.resumed = len(recordings) - len(todo)
-            run.process(runner, todo, journal, batch_size, block_s, enter=True)
+            run.process(runner, todo, journal, batch_size, block_s, enter=True,
+                        decoders=decoders)
             run.write_combined(journal)
             failed = run.failed(journal, [*recordings, *(p for p, _ in missing)])
         run.summary(backend, model, failed)
@@ -340,18 +344,19 @@ class _BatchBuilder:
 Event = tuple[str, int, Any]
 
 
-def decode_events(recordings: Sequence[Path], rate: int, spec: WindowSpec,
+def decode_events(recordings: Iterable[tuple[int, Path]], rate: int, spec: WindowSpec,
                   channel: int | None, block_s: float, batch_size: int) -> Iterator[Event]:
-    """What the decoder thread hands the model loop, in order: ``("batch", -1, WindowBatch)``
-    (full ones, windows of consecutive recordings mixed), ``("end", index, (seconds,
-    windows))`` once a recording is decoded, ``("error", index, reason)`` for a recording
-    that cannot be used (its windows not yet handed out are taken back; it comes after every
-    batch holding the others), and a last partial batch then ``("done", -1, None)``."""
+    """What one decoder hands the model loop, in order, for the numbered recordings it takes
+    from `recordings`: ``("batch", -1, WindowBatch)`` (full ones, windows of consecutive
+    recordings mixed), ``("end", index, (seconds, windows))`` once a recording is decoded,
+    ``("error", index, reason)`` for a recording that cannot be used (its windows not yet
+    handed out are taken back; it comes after every batch holding the others), and a last
+    partial batch."""
     from runtime.audio import stream_audio
 
     size, _ = spec.frames(rate)
     builder = _BatchBuilder(batch_size, size)
-    for index, path in enumerate(recordings):
+    for index, path in recordings:
         windows = 0
         try:
             blocks = _Counted(stream_audio(path, rate, block_s=block_s, channel=channel))
@@ -368,7 +373,6 @@ def decode_events(recordings: Sequence[Path], rate: int, spec: WindowSpec,
     last = builder.take()
     if last is not None:
         yield "batch", -1, last
-    yield "done", -1, None
 
 
 class _Counted:
@@ -383,15 +387,42 @@ class _Counted:
             yield block
 
 
-class _Producer(threading.Thread):
-    """Runs `decode_events` and puts its events on a bounded queue (``("fatal", -1, exc)``
-    if decoding itself breaks, re-raised by the model loop)."""
+class _Shared:
+    """The numbered recordings, handed out one at a time to whichever decoder asks next."""
 
-    def __init__(self, events: Iterator[Event], depth: int) -> None:
-        super().__init__(name="naturelm-edge-decoder", daemon=True)
-        self.events = events
+    def __init__(self, recordings: Sequence[Path]) -> None:
+        self._next = iter(enumerate(recordings))
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[tuple[int, Path]]:
+        while True:
+            with self._lock:
+                item = next(self._next, None)
+            if item is None:
+                return
+            yield item
+
+
+class _Producer:
+    """`decoders` threads, each running `decode_events` on the next recording not yet taken,
+    put their events on one bounded queue; ``("done", -1, None)`` follows the last one
+    (``("fatal", -1, exc)`` if decoding itself breaks, re-raised by the model loop). Decoding
+    releases the GIL (libsndfile, soxr, numpy), so decoders run on separate cores."""
+
+    def __init__(self, recordings: Sequence[Path], events: Callable[[Iterable[tuple[int, Path]]],
+                 Iterator[Event]], decoders: int, depth: int) -> None:
+        shared = _Shared(recordings)
         self.items: queue.Queue[Event] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self._left = min(decoders, len(recordings))
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(events(shared),), daemon=True,
+                                          name=f"naturelm-edge-decoder-{i}")
+                         for i in range(self._left)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
 
     def _put(self, item: Event) -> None:
         while not self.stop.is_set():
@@ -401,14 +432,20 @@ class _Producer(threading.Thread):
             except queue.Full:
                 continue
 
-    def run(self) -> None:
+    def _run(self, events: Iterator[Event]) -> None:
         try:
-            for event in self.events:
+            for event in events:
                 if self.stop.is_set():
                     return
                 self._put(event)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised
             self._put(("fatal", -1, exc))
+            return
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._put(("done", -1, None))
 
 
 class Analysis:
@@ -439,20 +476,24 @@ class Analysis:
 
     def process(self, runner: Runner, todo: Sequence[Path], journal: Journal,
                 batch_size: int, block_s: float, stop: threading.Event | None = None,
-                enter: bool = False) -> None:
+                enter: bool = False, decoders: int = 1) -> None:
         """Analyse `todo`; a set `stop` ends the loop early, leaving the recordings not yet
         finished out of the journal (they are analysed next time). With `enter` the runner is
         entered (its model loaded) here, once the decoder has started, so that the load and
-        the first blocks' decoding overlap; nothing is loaded when `todo` is empty."""
+        the first blocks' decoding overlap; nothing is loaded when `todo` is empty. Up to
+        `decoders` recordings are decoded at once (one thread each)."""
         if not todo:
             return
         self.todo = len(todo)
         self.total_s = _total_duration(todo)
         recs = [_Recording(p) for p in todo]
-        events = decode_events(todo, self.bundle.manifest.sample_rate, self.settings.spec,
-                               self.settings.channel, block_s, batch_size)
+        def events(recordings: Iterable[tuple[int, Path]]) -> Iterator[Event]:
+            return decode_events(recordings, self.bundle.manifest.sample_rate,
+                                 self.settings.spec, self.settings.channel, block_s, batch_size)
+
         # at least QUEUE_WINDOWS windows decoded ahead (what the model load can overlap)
-        producer = _Producer(events, depth=max(4, -(-QUEUE_WINDOWS // batch_size)))
+        producer = _Producer(todo, events, decoders,
+                             depth=max(4, decoders, -(-QUEUE_WINDOWS // batch_size)))
         producer.start()
         try:
             with ExitStack() as model:

@@ -69,6 +69,7 @@ class UnitConfig:
     fallback_backend: str = "cpu"
     precision: str = "fp16"
     max_batch: int = 8
+    decoders: int = 2
     workspace_mb: int = 1024
     dla_core: int | None = None
     threshold: float | None = None
@@ -99,8 +100,10 @@ class UnitConfig:
             problems.append("policy 'move' needs done_dir")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold {self.threshold} is not in [0, 1]")
-        if min(self.rate, self.channels, self.bits, self.max_batch, self.workspace_mb) < 1:
-            problems.append("rate, channels, bits, max_batch and workspace_mb must be positive")
+        if min(self.rate, self.channels, self.bits, self.max_batch, self.decoders,
+               self.workspace_mb) < 1:
+            problems.append("rate, channels, bits, max_batch, decoders and workspace_mb must be "
+                            "positive")
         if self.dla_core is not None and (self.dla_core < 0 or self.precision == "fp32"):
             problems.append(f"dla_core {self.dla_core} needs a core index >= 0 and precision "
                             f"fp16 or int8 (DLA has no FP32)")
@@ -116,6 +119,8 @@ _COMMENTS = {
     "fallback_backend": "ONNX Runtime backend used when the engine cannot be built or run",
     "precision": "engine precision: fp32, fp16 or int8 (int8 needs a QDQ model in the bundle)",
     "max_batch": "largest batch the engine's optimisation profile takes",
+    "decoders": "recordings decoded at once, one CPU thread each (a backlog after an outage "
+                "clears faster; the GPU runs the model)",
     "workspace_mb": "TensorRT workspace limit for the engine build, in MiB",
     "dla_core": "build the engine for this DLA core with GPU fallback (Orin NX / AGX); "
                 "empty: GPU only",
@@ -319,6 +324,7 @@ def start(config: Path, retry_engine: bool = False, stop_after_s: float | None =
                  policy=unit.policy,  # type: ignore[arg-type]  # checked by UnitConfig
                  done_dir=unit.done_dir,
                  settle_s=unit.settle_s, poll_s=unit.poll_s, batch_size=unit.max_batch,
+                 decoders=unit.decoders,
                  threshold=unit.threshold, thresholds_file=unit.thresholds_file,
                  log_file=unit.log_file, stop_after_s=stop_after_s)
 

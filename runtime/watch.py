@@ -286,11 +286,12 @@ class Watcher:
     def __init__(self, bundle: Bundle, settings: Settings, runner: Runner, journal: Journal,
                  inbox: Path, out: Path, policy: str = "leave", done_dir: Path | None = None,
                  settle_s: float = 10.0, queue_size: int = 32, batch_size: int = 8,
-                 now: Callable[[], dt.datetime] | None = None) -> None:
+                 now: Callable[[], dt.datetime] | None = None, decoders: int = 1) -> None:
         self.bundle, self.settings, self.runner, self.journal = bundle, settings, runner, journal
         self.inbox, self.out, self.policy, self.done_dir = inbox, out, policy, done_dir
         self.queue, self.queue_size, self.batch_size = Inbox(inbox, settle_s), queue_size, batch_size
         self.files = DailyFiles(out, settings.formats, now)
+        self.decoders = decoders
 
     def start(self) -> None:
         """Clear what a kill left behind: temporary files, and day-file rows the journal
@@ -309,7 +310,8 @@ class Watcher:
         before = self.files.bytes_written
         run = Analysis(self.bundle, self.settings, self.out, ready, progress=False,
                        root=self.inbox, sink=self.files)
-        run.process(self.runner, ready, self.journal, self.batch_size, 10.0, stop=stop)
+        run.process(self.runner, ready, self.journal, self.batch_size, 10.0, stop=stop,
+                    decoders=self.decoders)
         _after(ready, self.journal, run.found, self.policy, self.inbox, self.done_dir)
         stats = RoundStats(run.finished, run.ok, run.new_detections,
                            self.files.bytes_written - before)
@@ -330,6 +332,7 @@ def watch(
     poll_s: float = 5.0,
     queue_size: int = 32,
     batch_size: int = 8,
+    decoders: int = 1,
     threads: int | None = None,
     tasks: list[str] | None = None,
     threshold: float | None = None,
@@ -355,6 +358,7 @@ def watch(
         poll_s: seconds between inbox scans.
         queue_size: at most this many recordings per round (the rest wait in the inbox).
         batch_size: windows per model call.
+        decoders: recordings decoded at once, one thread each (a backlog clears faster).
         threads: ONNX Runtime intra-op threads.
         tasks: only these of the bundle's tasks.
         threshold: one threshold for every task and label.
@@ -372,8 +376,9 @@ def watch(
         try:
             if policy == "move" and done_dir is None:
                 raise ValueError("--policy move needs --done-dir")
-            if queue_size < 1 or settle_s < 0 or poll_s <= 0:
-                raise ValueError("queue_size must be >= 1, settle_s >= 0 and poll_s > 0")
+            if queue_size < 1 or decoders < 1 or settle_s < 0 or poll_s <= 0:
+                raise ValueError("queue_size and decoders must be >= 1, settle_s >= 0 and "
+                                 "poll_s > 0")
             if not inbox.is_dir():
                 raise ValueError(f"{inbox}: inbox folder not found")
             loaded = load_bundle(bundle, extract_to=scratch)
@@ -383,7 +388,7 @@ def watch(
             model = Path(str(getattr(runner, "model", getattr(runner, "engine_path", "")))).name
             journal = Journal.open(out / JOURNAL, settings.fingerprint(loaded, model), resume=True)
             daemon = Watcher(loaded, settings, runner, journal, inbox, out, policy, done_dir,
-                             settle_s, queue_size, batch_size)
+                             settle_s, queue_size, batch_size, decoders=decoders)
             daemon.start()
         except (InputError, ValueError, KeyError) as exc:
             log.error("watch: %s", exc)

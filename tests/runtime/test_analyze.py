@@ -164,10 +164,11 @@ def test_decoder_batches_across_recordings_and_takes_back_a_failing_ones_windows
     sf.write(bad, broken, RATE, subtype="FLOAT")
     sf.write(last, _with_tones(1.0, [(0.0, 1.0, 1)], seed=3), RATE)
     spec = WindowSpec(1.0, 1.0, last="pad")
-    events = list(decode_events([first, bad, last], RATE, spec, None, 0.3, batch_size=2))
+    events = list(decode_events(enumerate([first, bad, last]), RATE, spec, None, 0.3,
+                                batch_size=2))
     kinds = [(kind, index) for kind, index, _ in events]
     assert kinds == [("batch", -1), ("end", 0), ("batch", -1), ("error", 1), ("end", 2),
-                     ("batch", -1), ("done", -1)]
+                     ("batch", -1)]
     assert events[1][2] == (2.5, 3) and events[4][2] == (1.0, 1)
     assert "NaN sample at 2.500 s" in events[3][2]
     batches = [payload for kind, _, payload in events if kind == "batch"]
@@ -187,6 +188,30 @@ def test_decoder_batches_across_recordings_and_takes_back_a_failing_ones_windows
     found = [(Path(r["file"]).name, r["label"]) for r in _csv_rows(out / "detections.csv")]
     assert found == [("a.wav", "B")] * 3 + [("c.wav", "B")]
     assert [Path(r["file"]).name for r in _csv_rows(out / "errors.csv")] == ["b.wav"]
+
+
+def test_parallel_decoders_give_the_same_outputs(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(7):
+        calls = [(float(s), float(s) + 1.5, (i + s) % 4) for s in range(0, 9, 3)]
+        sf.write(folder / f"rec {i}.wav", _with_tones(9.5 + i, calls, seed=i), RATE)
+    broken = _with_tones(6.0, [], seed=9)
+    broken[3 * RATE] = np.inf
+    sf.write(folder / "rec 3b.wav", broken, RATE, subtype="FLOAT")
+    outs = {}
+    for decoders in (1, 3):
+        outs[decoders] = out = tmp_path / f"out{decoders}"
+        assert analyze(bundle_dir, [str(folder)], out=out, batch_size=3, block_s=0.7,
+                       decoders=decoders, progress=False) == 1
+    for name in ("detections.csv", "detections.jsonl", "errors.csv", "rec 5.wav.selections.txt"):
+        assert (outs[3] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert "Inf sample at 3.000 s" in (outs[3] / "errors.csv").read_text()
+    assert len(_csv_rows(outs[1] / "detections.csv")) >= 7 * 3
+    with pytest.raises(SystemExit):
+        parser_for(analyze, "naturelm-edge analyze").parse_args([str(bundle_dir), "x.wav", "--decoders", "two"])
+    assert analyze(bundle_dir, [str(folder)], out=tmp_path / "o", decoders=0,
+                   progress=False) == 2
 
 
 def test_a_rerun_with_nothing_left_to_do_loads_no_model(
