@@ -487,6 +487,7 @@ class Analysis:
         self.todo = len(todo)
         self.total_s = _total_duration(todo)
         recs = [_Recording(p) for p in todo]
+
         def events(recordings: Iterable[tuple[int, Path]]) -> Iterator[Event]:
             return decode_events(recordings, self.bundle.manifest.sample_rate,
                                  self.settings.spec, self.settings.channel, block_s, batch_size)
