@@ -531,19 +531,17 @@ class Analysis:
     def _run_batch(self, runner: Runner, recs: list[_Recording], batch: WindowBatch,
                    journal: Journal) -> None:
         outputs = runner.infer({"audio": batch.audio})
-        owners = np.unique(batch.owners)
+        owners = [(index, batch.owners == index) for index in np.unique(batch.owners)]
         for name in self.settings.tasks:
             task = self.bundle.manifest.task(name)
             scores = activate(outputs[task.output], task.activation)
-            for index in owners:
-                rows = batch.owners == index
+            for index, rows in owners:
                 recs[index].detections += select(
                     str(recs[index].path), batch.start_s[rows], batch.end_s[rows], task.name,
                     task.labels, scores[rows], self.settings.thresholds, self.settings.top_k,
                     self.settings.include, self.settings.exclude)
-        for index in owners:
+        for index, rows in owners:
             rec = recs[index]
-            rows = batch.owners == index
             rec.windows_done += int(rows.sum())
             self._advance(rec, float(batch.end_s[rows].max()))
             if rec.complete:
