@@ -18,9 +18,6 @@ Policies for the part after the last full window (`WindowSpec.last`):
     >>> spec = WindowSpec(window_s=1.0, hop_s=1.0, last="pad")
     >>> [(w.start_s, w.end_s) for w in iter_windows([audio[:7], audio[7:]], 10, spec)]
     [(0.0, 1.0), (1.0, 2.0), (2.0, 2.5)]
-    >>> batch = next(batched(iter_windows([audio], 10, spec), batch_size=4))
-    >>> batch.audio.shape, batch.end_s.tolist()
-    ((3, 10), [1.0, 2.0, 2.5])
     >>> window_preset("naturelm")
     WindowSpec(window_s=10.0, hop_s=10.0, last='pad')
 """
@@ -86,19 +83,6 @@ class Window:
     start_s: float
     end_s: float
     samples: np.ndarray
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Windows stacked for a runner: `audio` is float32 [B, samples]; metadata per row."""
-
-    audio: np.ndarray
-    index: np.ndarray
-    start_s: np.ndarray
-    end_s: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.audio.shape[0])
 
 
 class _Buffer:
@@ -177,26 +161,3 @@ def _window(index: int, samples: np.ndarray, begin: int, end: int, rate: int,
             origin_s: float) -> Window:
     return Window(index=index, start_s=origin_s + begin / rate, end_s=origin_s + end / rate,
                   samples=samples)
-
-
-def batched(windows: Iterable[Window], batch_size: int) -> Iterator[Batch]:
-    """Stack consecutive windows into batches of `batch_size` (the last may be smaller)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    group: list[Window] = []
-    for window in windows:
-        group.append(window)
-        if len(group) == batch_size:
-            yield _stack(group)
-            group = []
-    if group:
-        yield _stack(group)
-
-
-def _stack(group: list[Window]) -> Batch:
-    return Batch(
-        audio=np.stack([w.samples for w in group]).astype(np.float32, copy=False),
-        index=np.array([w.index for w in group], dtype=np.int64),
-        start_s=np.array([w.start_s for w in group], dtype=np.float64),
-        end_s=np.array([w.end_s for w in group], dtype=np.float64),
-    )

@@ -14,7 +14,6 @@ from runtime.windows import (
     PRESETS,
     Window,
     WindowSpec,
-    batched,
     iter_windows,
     window_preset,
 )
@@ -148,22 +147,6 @@ def test_streamed_recording_windows_equal_whole_recording_windows(real_recording
     for block_s in (0.07, 1.0, 2.9):
         _same(list(iter_windows(stream_audio(real_recording, 16000, block_s=block_s), 16000,
                                 spec)), reference)
-
-
-def test_batched_stacks_windows_with_their_metadata() -> None:
-    x = np.random.default_rng(0).standard_normal(105).astype(np.float32)
-    windows = list(iter_windows([x], 10, WindowSpec(1.0, 1.0, "pad")))
-    batches = list(batched(iter(windows), batch_size=4))
-    assert [len(b) for b in batches] == [4, 4, 3]
-    assert batches[0].audio.shape == (4, 10) and batches[0].audio.dtype == np.float32
-    assert np.array_equal(np.concatenate([b.audio for b in batches]),
-                          np.stack([w.samples for w in windows]))
-    assert np.concatenate([b.index for b in batches]).tolist() == list(range(11))
-    assert batches[-1].start_s.tolist() == [8.0, 9.0, 10.0]
-    assert batches[-1].end_s.tolist() == [9.0, 10.0, 10.5]
-    assert list(batched(iter([]), 3)) == []
-    with pytest.raises(ValueError, match="batch_size"):
-        list(batched(iter(windows), 0))
 
 
 def test_spec_validation_and_presets() -> None:
