@@ -117,8 +117,9 @@ def time_student(bundle: Bundle, long_file: Path, audio_s: float, threads: int, 
                  backend: str = "cpu", precision: str | None = None,
                  warmup: int = 3) -> list[dict[str, Any]]:
     """The student's model-only and pipeline rows on `long_file`."""
-    from runtime.audio import read_audio, stream_audio
-    from runtime.windows import WindowSpec, batched, iter_windows
+    from runtime.analyze import decode_events
+    from runtime.audio import read_audio
+    from runtime.windows import WindowSpec
 
     m = bundle.manifest
     spec = WindowSpec(m.window_s, m.window_s, "pad")
@@ -134,9 +135,11 @@ def time_student(bundle: Bundle, long_file: Path, audio_s: float, threads: int, 
             runner.infer({"audio": group})
         model_s = time.perf_counter() - start
         start = time.perf_counter()
-        for group in batched(iter_windows(stream_audio(long_file, m.sample_rate), m.sample_rate,
-                                          spec), batch):
-            runner.infer({"audio": group.audio})
+        # analyze's own decoder, with its default 10 s blocks
+        for kind, _, payload in decode_events([(0, long_file)], m.sample_rate, spec, None,
+                                              10.0, batch):
+            if kind == "batch":
+                runner.infer({"audio": payload.audio})
         pipeline_s = time.perf_counter() - start
     rss = peak_rss_mb()
     return [_row("student", "model", threads, batch, audio_s, model_s, load_s, rss),
