@@ -158,26 +158,43 @@ def roll_time(feats: Any, generator: Any) -> Any:
     return torch.gather(feats, 1, index.unsqueeze(-1).expand_as(feats))
 
 
-def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead]) -> Any:
-    """BEATs(``encoder_cfg``) + mean pooling + one linear head per task (an ``nn.Module``
-    whose ``forward(fbank)`` takes `load_fbank`'s features and returns
-    ``(pooled [B, D], {task: logits})``)."""
+POOLINGS = ("mean", "meanmax")
+
+
+def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead],
+                         pooling: str = "mean") -> Any:
+    """BEATs(``encoder_cfg``) + pooling over its tokens + one linear head per task (an
+    ``nn.Module`` whose ``forward(fbank)`` takes `load_fbank`'s features and returns
+    ``(pooled [B, D or 2D], {task: logits})``).
+
+    ``pooling``: ``"mean"`` (the mean token, as BEATs' AudioSet classifier) or ``"meanmax"``
+    (the mean and the per-feature maximum, concatenated: a short call in one token can decide
+    a clip label rather than be averaged with the background). Only the encoder is kept, so
+    the pooling changes what it learns, not its format. Measured on the default corpus (the
+    `tiny` recipe, 24 epochs): "meanmax" lifts these heads' held-out species (84.6% ->
+    86.2%), but the teacher trained on that encoder is no better (test species 83.7% with
+    "mean", 82.8% with "meanmax"; call type 95.0% / 92.5%), so "mean" stays the default."""
     import torch
     from torch import nn
 
     from teacher.beats import BEATs
 
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+
     class _Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.beats = BEATs(encoder_cfg)
-            width = encoder_cfg.encoder_embed_dim
+            width = encoder_cfg.encoder_embed_dim * (2 if pooling == "meanmax" else 1)
             self.heads = nn.ModuleDict({t: nn.Linear(width, len(h.labels))
                                         for t, h in heads.items()})
 
         def pooled(self, fbank: torch.Tensor) -> torch.Tensor:
             features, _ = self.beats.encode_fbank(fbank)
-            return features.mean(dim=1)
+            if pooling == "mean":
+                return features.mean(dim=1)
+            return torch.cat([features.mean(dim=1), features.amax(dim=1)], dim=-1)
 
         def forward(self, fbank: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             pooled = self.pooled(fbank)
@@ -271,13 +288,14 @@ def pretraining_records(manifest: Path, extra_manifests: Sequence[Path], train_s
     return records, extra
 
 
-def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 11,
+def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 24,
                      batch_size: int = 16, lr: float = 2e-3, num_threads: int = 1,
                      max_minutes: float | None = None, weight_decay: float = 0.01,
                      warmup_steps: int = 30, train_split: str = "train",
                      val_split: str = "valid", seed: int = 0,
                      clip_s: float | None = None, time_roll: bool = True,
-                     extra_manifests: list[Path] | None = None, device: str = "cpu") -> int:
+                     extra_manifests: list[Path] | None = None, device: str = "cpu",
+                     pooling: str = "mean") -> int:
     """Train the ``preset`` teacher's encoder on the clip labels of ``manifest``; save it.
 
     The encoder config is the teacher preset's (``teacher.config.teacher_config(preset)``;
@@ -313,6 +331,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
             in two manifests is refused.
         device: torch device of the training steps (cpu, cuda, cuda:1); the fbank is
             computed once on the CPU and each batch is moved to it.
+        pooling: how the heads see the tokens: "mean" or "meanmax" (mean and maximum;
+            `build_pretrain_model`).
     """
     import torch
 
@@ -323,6 +343,8 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
 
     if epochs < 1 or batch_size < 1 or num_threads < 1:
         raise ValueError("epochs, batch_size and num_threads must be at least 1")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
     try:
         run_on = torch.device(device)
     except RuntimeError as exc:
@@ -342,7 +364,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
     try:
         torch.manual_seed(seed)
         started = time.monotonic()
-        model = build_pretrain_model(cfg.encoder, heads)
+        model = build_pretrain_model(cfg.encoder, heads, pooling)
         train_feats = load_fbank(train, model.beats, samples)
         val_feats = load_fbank(val, model.beats, samples)
         train_targets = _target_tensors(train, heads)
@@ -392,6 +414,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
             "pretrain": {"preset": preset, "manifest": os.fspath(manifest),
                          "extra_manifests": [os.fspath(m) for m in extra_manifests or []],
                          "train_clips": len(train), "time_roll": time_roll,
+                         "pooling": pooling,
                          "tasks": {t: list(h.labels) for t, h in heads.items()},
                          "history": history},
         }

@@ -108,6 +108,7 @@ def test_pretrained_encoder_loads_and_separates_classes(tmp_path: Path,
     initial = BEATs(cfg)  # the same seed and order pretrain_encoder builds the encoder with
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["pretrain"]["tasks"]["species"] == list(SPECIES)
+    assert checkpoint["pretrain"]["pooling"] == "mean"  # the default
     assert checkpoint["pretrain"]["history"][-1]["species"] == 1.0
 
     files = sorted(tmp_path.glob("clip*.wav"))[-12:]  # the validation clips
@@ -165,15 +166,42 @@ def test_cli_pretrain_with_an_extra_corpus(tmp_path: Path) -> None:
     extra = _corpus(tmp_path / "b", {"train": 1, "test": 1})
     out = tmp_path / "enc.pt"
     assert cli(["teacher", "pretrain", str(main), str(out), "--epochs", "1", "--batch-size",
-                "4", "--clip-s", str(CLIP_S), "--extra-manifests", str(extra)]) == 0
+                "4", "--clip-s", str(CLIP_S), "--extra-manifests", str(extra),
+                "--pooling", "meanmax"]) == 0
     info = torch.load(out, weights_only=True)["pretrain"]
+    assert info["pooling"] == "meanmax"
     assert info["train_clips"] == 2 * 2 + 2 * 2  # main's train clips + every extra clip
     assert info["extra_manifests"] == [str(extra)]
     assert [h["epoch"] for h in info["history"]] == [1.0]
 
 
+def test_pooling_mean_or_mean_and_max_of_the_tokens() -> None:
+    from teacher.pretrain import build_pretrain_model, clip_targets
+
+    _, heads = clip_targets([Record(id="a.s", task="species", instruction="", output="Kea",
+                                    labels=SPECIES, file_name="a.wav")])
+    cfg = teacher_config("tiny").encoder
+    fbank = torch.randn(3, 200, cfg.num_mel_bins)
+    width = cfg.encoder_embed_dim
+    torch.manual_seed(0)
+    both = build_pretrain_model(cfg, heads, "meanmax").eval()
+    torch.manual_seed(0)
+    mean = build_pretrain_model(cfg, heads).eval()  # mean by default
+    with torch.no_grad():
+        tokens, _ = both.beats.encode_fbank(fbank)
+        pooled, logits = both(fbank)
+        mean_pooled, _ = mean(fbank)
+    assert pooled.shape == (3, 2 * width) and logits["species"].shape == (3, len(SPECIES))
+    torch.testing.assert_close(pooled, torch.cat([tokens.mean(1), tokens.amax(1)], -1))
+    torch.testing.assert_close(mean_pooled, tokens.mean(1))  # same seed, same encoder
+    with pytest.raises(ValueError, match="unknown pooling 'sum'; known: mean, meanmax"):
+        build_pretrain_model(cfg, heads, "sum")
+
+
 def test_a_device_that_is_not_there_is_refused_before_any_work(tmp_path: Path) -> None:
     manifest = _corpus(tmp_path, {"train": 1})
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        pretrain_encoder(manifest, tmp_path / "enc.pt", pooling="max")
     with pytest.raises(ValueError, match="unknown torch device 'gpu0'"):
         pretrain_encoder(manifest, tmp_path / "enc.pt", device="gpu0")
     if not torch.cuda.is_available():
