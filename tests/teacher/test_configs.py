@@ -62,7 +62,8 @@ def test_tiny_audio_tokens_start_on_the_text_scale_and_vary_across_clips() -> No
     audio_norm = float(tokens.norm(dim=-1).mean())
     assert 0.8 < audio_norm / text_norm < 1.25  # same scale as the text (was ~70x larger)
     spread = (tokens - tokens.mean(0)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean()
-    assert float(spread) > 0.2  # the clips stay apart (the BERT init left them within 2%)
+    # The clips stay apart: 15% at the preset's init, 0.5% at BERT's 0.02 (32-bin fbank).
+    assert float(spread) > 0.1
     assert model.audio_norm.weight.requires_grad == model.cfg.train_projection
     model.cfg = model.cfg.replace(train_projection=False)  # the policy re-applied covers it too
     model.apply_freeze_policy()
