@@ -129,8 +129,8 @@ def load_fbank(clips: Sequence[ClipTargets], beats: Any, samples: int,
                chunk: int = 32) -> Any:
     """``[clips, frames, mel]`` float16 normalised fbank (``beats.preprocess``) of each clip,
     cut (from its start) or zero-padded to ``samples``: the encoder's fixed input, computed
-    once so that every epoch runs only the trained layers (998 x 64 values per 10 s clip at 64
-    mel bins: 2/5 of the waveform's memory)."""
+    once so that every epoch runs only the trained layers (998 x 32 values per 10 s clip at
+    32 mel bins: 1/5 of the waveform's memory)."""
     import torch
 
     from teacher.lightning import fit_length, load_clip
@@ -161,6 +161,11 @@ def roll_time(feats: Any, generator: Any) -> Any:
 POOLINGS = ("mean", "meanmax")
 
 
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+
+
 def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead],
                          pooling: str = "mean") -> Any:
     """BEATs(``encoder_cfg``) + pooling over its tokens + one linear head per task (an
@@ -179,8 +184,7 @@ def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead],
 
     from teacher.beats import BEATs
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+    _check_pooling(pooling)
 
     class _Model(nn.Module):
         def __init__(self) -> None:
@@ -343,8 +347,7 @@ def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: in
 
     if epochs < 1 or batch_size < 1 or num_threads < 1:
         raise ValueError("epochs, batch_size and num_threads must be at least 1")
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+    _check_pooling(pooling)
     try:
         run_on = torch.device(device)
     except RuntimeError as exc:
