@@ -117,7 +117,7 @@ def time_student(bundle: Bundle, long_file: Path, audio_s: float, threads: int, 
                  backend: str = "cpu", precision: str | None = None,
                  warmup: int = 3) -> list[dict[str, Any]]:
     """The student's model-only and pipeline rows on `long_file`."""
-    from runtime.analyze import decode_events
+    from runtime.analyze import BLOCK_S, decode_events
     from runtime.audio import read_audio
     from runtime.windows import WindowSpec
 
@@ -135,9 +135,9 @@ def time_student(bundle: Bundle, long_file: Path, audio_s: float, threads: int, 
             runner.infer({"audio": group})
         model_s = time.perf_counter() - start
         start = time.perf_counter()
-        # analyze's own decoder, with its default 10 s blocks
+        # analyze's own decoder, with its default blocks
         for kind, _, payload in decode_events([(0, long_file)], m.sample_rate, spec, None,
-                                              10.0, batch):
+                                              BLOCK_S, batch):
             if kind == "batch":
                 runner.infer({"audio": payload.audio})
         pipeline_s = time.perf_counter() - start

@@ -75,6 +75,8 @@ DEFAULT_FORMATS = ("raven", "csv", "jsonl")
 JOURNAL, ERRORS = "journal.jsonl", "errors.csv"
 # Windows the decoder may run ahead of the model: 41 MB of 10 s windows at 16 kHz.
 QUEUE_WINDOWS = 64
+BLOCK_S = 10.0
+"""Seconds of audio decoded at a time by default (memory stays flat whatever the length)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def analyze(
     merge_gap_s: float = 0.0,
     formats: list[str] | None = None,
     channel: int | None = None,
-    block_s: float = 10.0,
+    block_s: float = BLOCK_S,
     decoders: int = 1,
     resume: bool = True,
     progress: bool = True,
