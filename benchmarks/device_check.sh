@@ -110,9 +110,12 @@ cat "$out/context.txt"
 # -- install ----------------------------------------------------------------------------------
 wheels=${WHEELS:-$repo/shared/wheels}
 if [ -d "$wheels" ]; then
-    want=$(missing soundfile soxr pytest matplotlib jsonargparse onnxscript kaldi_native_fbank)
+    # LightningCLI needs jsonargparse's `signatures` extra (docstring_parser, typeshed_client).
+    want=$(missing soundfile soxr pytest matplotlib jsonargparse docstring_parser typeshed_client \
+           onnxscript kaldi_native_fbank)
     if [ -n "$want" ]; then
-        pkgs=$(echo "$want" | sed 's/kaldi_native_fbank/kaldi-native-fbank/')
+        pkgs=$(echo "$want" | sed -e 's/kaldi_native_fbank/kaldi-native-fbank/' \
+               -e 's/docstring_parser/docstring-parser/' -e 's/typeshed_client/typeshed-client/')
         # shellcheck disable=SC2086
         step wheels 60 "$py" -m pip install --no-index --find-links "$wheels" $pkgs
     fi
