@@ -2,7 +2,9 @@
 
 - FP16 (`to_fp16`): ONNX Runtime's float16 converter (``onnxruntime.transformers.float16``,
   shipped in the onnxruntime wheel) with float32 inputs and outputs kept, the whole front end
-  (Conv1d DFT, power, mel MatMul, log) and every ``Log`` / ``Softmax`` left in FP32.
+  (Conv1d DFT, power, mel MatMul, log) and every ``Log`` / ``Softmax`` left in FP32, then
+  `keep_fp32_paths`: the tensors and weights between those FP32 nodes stay FP32 (the
+  converter alone sends them through FP16).
 - INT8 (`to_int8`): static quantization with ``onnxruntime.quantization`` in the QDQ form that
   TensorRT's explicit quantization reads: symmetric int8 activations and per-channel symmetric
   int8 weights, calibrated on real corpus audio through `ClipReader` (a ``CalibrationDataReader``
@@ -30,6 +32,7 @@ INT8 99 %).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,10 +117,113 @@ def to_fp16(model_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = _load(model_path)
+    source = copy.deepcopy(model)  # the converter rewrites its argument in place
     blocked = frontend_nodes(model)
     half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
                                     op_block_list=list(FP32_OPS), node_block_list=blocked)
+    fp32_nodes = set(blocked) | {n.name for n in half.graph.node if n.op_type in FP32_OPS}
+    keep_fp32_paths(half, source, fp32_nodes)
     return _save(half, out, "fp16")
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    """The target type of a ``Cast`` node, None for any other node."""
+    if node.op_type != "Cast":
+        return None
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def keep_fp32_paths(half: onnx.ModelProto, source: onnx.ModelProto,
+                    fp32_nodes: set[str]) -> None:
+    """Take the FP16 round trips out of the paths into FP32 nodes, in place.
+
+    The float16 converter runs blocked nodes in FP32 but sends every tensor between them
+    through FP16 (a Cast down after each node, a Cast up before the next), so the "FP32" front
+    end had 11-bit intermediates, with power and mel values nearer FP16's 65504 ceiling than a
+    loud recording allows. Here a Cast up reads the FP32 tensor itself where its input is a
+    Cast down of an FP32 node's output or of the graph input; where it is a weight, the weight
+    in FP32 (the source model's, if the converter stored it in FP16). Casts nobody reads any
+    more are dropped. ONNX Runtime before 1.32 made one Cast per consumer under one name (two
+    nodes named ``conv1d_cast_to_fp32_node``: a model ORT refuses to load); exact duplicates
+    are dropped and any other clash raises `PrecisionError`.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = half.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    inputs = {v.name for v in graph.input}
+    outputs = {v.name for v in graph.output}
+    originals = {i.name: i for i in source.graph.initializer}
+    weights = {i.name: i for i in graph.initializer}
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        if _cast_to(node) != TensorProto.FLOAT or node.output[0] in outputs:
+            continue
+        src = node.input[0]
+        down = producers.get(src)
+        if down is not None and _cast_to(down) == TensorProto.FLOAT16:
+            origin = down.input[0]
+            made_by = producers.get(origin)
+            if origin in inputs or (made_by is not None and made_by.name in fp32_nodes):
+                rename[node.output[0]] = origin
+        elif src in weights and weights[src].data_type == TensorProto.FLOAT:
+            rename[node.output[0]] = src  # a Cast of an FP32 weight to FP32
+        elif (src in weights and weights[src].data_type == TensorProto.FLOAT16
+              and src in originals and originals[src].data_type == TensorProto.FLOAT):
+            restored = f"{src}_fp32"
+            if restored not in weights:
+                tensor = numpy_helper.from_array(numpy_helper.to_array(originals[src]), restored)
+                graph.initializer.append(tensor)
+                weights[restored] = tensor
+            rename[node.output[0]] = restored
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    _drop_dead_casts(half)
+    _drop_duplicate_nodes(half)
+
+
+def _drop_dead_casts(model: onnx.ModelProto) -> None:
+    """Remove Casts whose outputs nothing reads, then initializers and value infos left over."""
+    graph = model.graph
+    outputs = {v.name for v in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & read]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+    made = {out for node in graph.node for out in node.output}
+    seen: set[str] = set()
+    for info in list(graph.value_info):
+        if info.name not in made or info.name in seen:
+            graph.value_info.remove(info)
+        seen.add(info.name)
+
+
+def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
+    """Drop exact duplicates of a node; refuse two different nodes under one name or output."""
+    graph = model.graph
+    kept: dict[str, bytes] = {}
+    made: dict[str, str] = {}
+    for node in list(graph.node):
+        body = node.SerializeToString(deterministic=True)
+        if kept.get(node.name) == body:
+            graph.node.remove(node)
+            continue
+        if node.name in kept:
+            raise PrecisionError(f"the float16 converter made two different nodes named "
+                                 f"{node.name!r}; this onnxruntime cannot make the FP16 variant")
+        for out in node.output:
+            if out in made:
+                raise PrecisionError(f"the float16 converter made two nodes writing {out!r} "
+                                     f"({made[out]!r} and {node.name!r})")
+            made[out] = node.name
+        kept[node.name] = body
 
 
 class ClipReader:

@@ -38,10 +38,73 @@ def test_fp16_keeps_float32_io_and_an_fp32_front_end(export_dir: Path) -> None:
     assert TensorProto.FLOAT16 in initial.values()  # the network body is in FP16
     front = set(frontend_nodes(fp32))
     assert {"Conv", "MatMul", "Log"} <= {n.op_type for n in fp32.graph.node if n.name in front}
+    # Every front-end node reads the audio, a weight not in FP16 or another front-end node's output:
+    # no Cast between them, so no intermediate or weight passes through FP16.
+    producers = _producers(half)
+    audio = {v.name for v in half.graph.input}
     for node in half.graph.node:
-        if node.name in front:
-            weights = [initial[i] for i in node.input if i in initial]
-            assert TensorProto.FLOAT16 not in weights, node.name
+        if node.name not in front:
+            continue
+        for name in node.input:
+            if name in initial:
+                assert initial[name] != TensorProto.FLOAT16, (node.name, name)
+            else:
+                assert name in audio or producers[name].name in front, (node.name, name)
+    names = [n.name for n in half.graph.node]
+    assert len(names) == len(set(names))
+
+
+def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
+    return onnx.helper.make_node("Cast", [src], [dst], to=to, name=name)
+
+
+def test_fp16_round_trips_between_fp32_nodes_are_folded_and_duplicates_dropped() -> None:
+    """The graph ONNX Runtime 1.30's float16 converter makes of an FP32 Conv read by two FP32
+    Slices: a Cast down after the Conv, and one Cast up per Slice under one name (a model ORT
+    refuses to load). After `keep_fp32_paths` the Slices read the Conv itself."""
+    from onnx import helper, numpy_helper
+
+    from export.precision import keep_fp32_paths
+
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    w = np.arange(6, dtype=np.float32).reshape(2, 1, 3)
+    axes, starts, ends = (numpy_helper.from_array(np.array(v, np.int64), n)
+                          for v, n in ((1, "axes"), (0, "s0"), (1, "e0")))
+    source = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv_node"),
+         helper.make_node("Slice", ["conv", "s0", "e0", "axes"], ["a"], name="slice_a"),
+         helper.make_node("Slice", ["conv", "s0", "e0", "axes"], ["b"], name="slice_b")],
+        "g", [helper.make_tensor_value_info("x", f32, [1, 1, 8])],
+        [helper.make_tensor_value_info(n, f32, [1, 1, 6]) for n in ("a", "b")],
+        [numpy_helper.from_array(w, "w"), axes, starts, ends]))
+    half = copy.deepcopy(source)
+    graph = half.graph
+    graph.initializer[0].CopyFrom(numpy_helper.from_array(w.astype(np.float16), "w"))
+    del graph.node[:]
+    graph.node.extend([
+        _cast("w", "w_cast_to_fp32", f32, "w_cast_to_fp32_node"),
+        helper.make_node("Conv", ["x", "w_cast_to_fp32"], ["conv_cast_to_fp16"],
+                         name="conv_node"),
+        _cast("conv_cast_to_fp16", "conv", f16, "conv_cast_to_fp16_node"),
+        _cast("conv", "conv_cast_to_fp32", f32, "conv_cast_to_fp32_node"),
+        helper.make_node("Slice", ["conv_cast_to_fp32", "s0", "e0", "axes"], ["a"],
+                         name="slice_a"),
+        _cast("conv", "conv_cast_to_fp32", f32, "conv_cast_to_fp32_node"),
+        helper.make_node("Slice", ["conv_cast_to_fp32", "s0", "e0", "axes"], ["b"],
+                         name="slice_b")])
+    keep_fp32_paths(half, source, {"conv_node", "slice_a", "slice_b"})
+    onnx.checker.check_model(half, full_check=True)
+    assert [n.op_type for n in graph.node] == ["Conv", "Slice", "Slice"]
+    assert [list(n.input)[0] for n in graph.node] == ["x", "conv_cast_to_fp16",
+                                                       "conv_cast_to_fp16"]
+    weight = next(i for i in graph.initializer if i.name == graph.node[0].input[1])
+    assert weight.data_type == f32
+    np.testing.assert_array_equal(numpy_helper.to_array(weight), w)
+
+    clash = copy.deepcopy(source)
+    clash.graph.node[2].name = "slice_a"
+    with pytest.raises(PrecisionError, match="two different nodes named 'slice_a'"):
+        keep_fp32_paths(clash, source, set())
 
 
 def test_int8_is_qdq_per_channel_with_the_front_end_unquantized(export_dir: Path) -> None:
