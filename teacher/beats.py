@@ -42,8 +42,8 @@ ACTIVATIONS = ("gelu", "gelu_accurate", "relu", "tanh", "linear")
 class BEATsConfig:
     """BEATs architecture; field names and meanings are those of the official ``BEATsConfig``.
 
-    The last four fields are not in the official config (it hard-codes them): the sample
-    rate, the mel bins of the fbank and its normalisation constants.
+    The last five fields are not in the official config (it hard-codes them): the sample
+    rate, the mel bins and hop of the fbank and its normalisation constants.
     """
 
     input_patch_size: int = 16
@@ -73,12 +73,15 @@ class BEATsConfig:
     predictor_class: int = 527
     sample_rate: int = 16000
     num_mel_bins: int = 128
+    frame_shift_ms: float = 10.0
     fbank_mean: float = BEATS_FBANK_MEAN
     fbank_std: float = BEATS_FBANK_STD
 
     def __post_init__(self) -> None:
         if self.input_patch_size <= 0:
             raise ValueError(f"input_patch_size must be positive, got {self.input_patch_size}")
+        if self.frame_shift_ms <= 0:
+            raise ValueError(f"frame_shift_ms must be positive, got {self.frame_shift_ms}")
         if self.num_mel_bins % self.input_patch_size:
             raise ValueError(
                 f"num_mel_bins {self.num_mel_bins} is not a multiple of "
@@ -448,7 +451,8 @@ class BEATs(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fbank = KaldiFbank(
-            FbankConfig(sample_rate=cfg.sample_rate, num_mel_bins=cfg.num_mel_bins)
+            FbankConfig(sample_rate=cfg.sample_rate, num_mel_bins=cfg.num_mel_bins,
+                        frame_shift_ms=cfg.frame_shift_ms)
         )
         self.patch_embedding = nn.Conv2d(
             1, cfg.embed_dim, cfg.input_patch_size, stride=cfg.input_patch_size, bias=cfg.conv_bias

@@ -197,6 +197,25 @@ def test_too_short_and_bad_shapes() -> None:
         model(torch.zeros(1, 16000), torch.zeros(1, 1600, dtype=torch.bool))
 
 
+def test_fbank_hop_sets_the_token_rate(birds: torch.Tensor) -> None:
+    """``frame_shift_ms`` (not an official field; 10 ms there) reaches the fbank: a 5 ms hop
+    gives twice the frames, so twice the tokens, and the mask reduction follows."""
+    torch.manual_seed(0)
+    model = BEATs(beats_config("tiny", frame_shift_ms=5.0)).eval()
+    assert model.fbank.cfg.window_shift == 80 and model.num_tokens(160000) == 2 * 496
+    assert model.min_samples == 400 + 15 * 80
+    pad = torch.zeros_like(birds, dtype=torch.bool)
+    pad[:, 80000:] = True
+    with torch.no_grad():
+        features, mask = model(birds, pad)
+    # 1,996 frames of 80 samples (padded from frame 1000), then 992 tokens of 2 frames.
+    assert features.shape[1] == 992 and torch.equal(mask[0], torch.arange(992) >= 500)
+    assert BEATsConfig.from_dict(model.cfg.to_dict()).frame_shift_ms == 5.0
+    assert beats_config("iter3").frame_shift_ms == 10.0
+    with pytest.raises(ValueError, match="frame_shift_ms must be positive"):
+        beats_config("tiny", frame_shift_ms=0.0)
+
+
 def test_relative_position_buckets() -> None:
     buckets = relative_position_buckets(496, 320, 800)
     assert buckets.shape == (496, 496)
