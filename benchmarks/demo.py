@@ -82,7 +82,7 @@ class DemoPlan:
     clips: int | None = None
     clips_per_recording: int = 10
     soundscape_min: float = 10.0
-    pretrain_epochs: int = 24
+    pretrain_epochs: int = 12
     pretrain_clips: int = 4800
     teacher_args: tuple[str, ...] = ()
     student_args: tuple[str, ...] = ()

@@ -14,8 +14,8 @@ official model: ``ln_audio`` normalises the BEATs tokens *before* the Q-Former, 
     >>> tok = train_tokenizer(["What is the common name? Answer: Kea", "Tui"], 300)
     >>> model = NatureLM(cfg, tok).eval()
     >>> audio = torch.zeros(2, 16000)               # 1 s, zero-padded to 10 s inside
-    >>> model.encode_audio(audio).shape              # 8 windows of 17 of the 124 tokens
-    torch.Size([2, 8, 128])
+    >>> model.encode_audio(audio).shape              # 15 windows of 17 of the 248 tokens
+    torch.Size([2, 15, 128])
     >>> loss = model(audio, ["What is it? Answer:"] * 2, ["Kea", "Tui"])
     >>> model.score_labels(audio, ["What is it? Answer:"] * 2, ["Kea", "Tui"]).shape
     torch.Size([2, 2])

@@ -67,9 +67,9 @@ def test_ten_second_clip_gives_one_token_per_window() -> None:
     n = model.beats.num_tokens(160000)
     with torch.no_grad():
         tokens = model.encode_audio(chirps(2, 10.0))
-    assert n == 124  # the tiny preset's 32-bin fbank: 62 frames x 2 bands of patches
+    assert n == 248  # the tiny preset's 32-bin fbank at 5 ms: 124 steps x 2 bands of patches
     assert tokens.shape == (2, math.ceil(n / 17), model.cfg.llm.hidden_size)
-    assert tokens.shape[1] == num_windows(n, model.cfg.qformer) == 8
+    assert tokens.shape[1] == num_windows(n, model.cfg.qformer) == 15
     assert num_windows(496, QFormerConfig()) == 29  # naturelm-8b's 496 tokens, as published
 
 
