@@ -129,8 +129,8 @@ def load_fbank(clips: Sequence[ClipTargets], beats: Any, samples: int,
                chunk: int = 32) -> Any:
     """``[clips, frames, mel]`` float16 normalised fbank (``beats.preprocess``) of each clip,
     cut (from its start) or zero-padded to ``samples``: the encoder's fixed input, computed
-    once so that every epoch runs only the trained layers (998 x 32 values per 10 s clip at
-    32 mel bins: 1/5 of the waveform's memory)."""
+    once so that every epoch runs only the trained layers (1,996 x 32 values per 10 s clip
+    for the `tiny` preset's 32 bins at a 5 ms hop: 2/5 of the waveform's memory)."""
     import torch
 
     from teacher.lightning import fit_length, load_clip
@@ -176,9 +176,10 @@ def build_pretrain_model(encoder_cfg: Any, heads: dict[str, TaskHead],
     (the mean and the per-feature maximum, concatenated: a short call in one token can decide
     a clip label rather than be averaged with the background). Only the encoder is kept, so
     the pooling changes what it learns, not its format. Measured on the default corpus (the
-    `tiny` recipe at its former 10 ms hop, 24 epochs): "meanmax" lifts these heads' held-out species (84.6% ->
-    86.2%), but the teacher trained on that encoder is no better (test species 83.7% with
-    "mean", 82.8% with "meanmax"; call type 95.0% / 92.5%), so "mean" stays the default."""
+    `tiny` recipe at its former 10 ms hop, 24 epochs): "meanmax" lifts these heads' held-out
+    species (84.6% -> 86.2%), but the teacher trained on that encoder is no better (test
+    species 83.7% with "mean", 82.8% with "meanmax"; call type 95.0% / 92.5%), so "mean"
+    stays the default."""
     import torch
     from torch import nn
 
