@@ -1,19 +1,22 @@
 """Why INT8 does or does not pay on this CPU: the network body (everything after the log-mel front
 end) of a student in FP32 and in several INT8 forms, timed apart, and a per-layer-kind profile.
 
-Builds a seeded student of the chosen size (weights do not change the timing), exports it with
-a fixed window, writes the INT8 forms `export.precision` makes (the QDQ model TensorRT reads;
-the CPU QOperator U8S8 form with only wide pointwise convs, every pointwise conv, or every conv
-quantized), splits each at its first ``Log`` (`benchmarks.latency.split_at_frontend`) and
-times the body alone on ONNX Runtime's CPU provider (best and median of ``repeats`` runs per batch; the best
+Builds a seeded student of the chosen size and arch (the CNN or the transformer variant;
+weights do not change the timing), exports it with a fixed window, writes the INT8 forms
+`export.precision` makes (the QDQ model TensorRT reads; the CPU QOperator U8S8 form with only
+wide pointwise convs, every pointwise conv, or every conv quantized, Gemm and MatMul always),
+splits each at its first ``Log`` (`benchmarks.latency.split_at_frontend`) and times the body
+alone on ONNX Runtime's CPU provider (best and median of ``repeats`` runs per batch; the best
 is the figure to read on a shared machine). ONNX Runtime's profiler then sums the time of
-every convolution kind (`export.precision.conv_kinds`) in FP32 and with every conv in INT8; the
-``bound`` is the body speed-up INT8 could give if only the kinds that got faster were swapped
-and every quantize, dequantize and layout change were free (Amdahl).
+every convolution kind (`export.precision.conv_kinds`) and of the matrix products in FP32 and
+with every conv in INT8; the ``bound`` is the body speed-up INT8 could give if only the kinds
+that got faster were swapped and every quantize, dequantize and layout change were free
+(Amdahl).
 
 Prints markdown tables and a final JSON line; ``--save`` adds them to ``benchmarks/results``.
 
     $ python -m benchmarks.int8_cpu --size s --batch-sizes 1 8 --threads 1
+    $ python -m benchmarks.int8_cpu --arch transformer --size s    # the transformer variant
     >>> conv_kind_of("QLinearConv", [[1, 1, 48, 501]], "stem_conv_quant_token_9",
     ...              {"stem_conv": "stem"})
     'stem'
@@ -34,6 +37,10 @@ from typing import Any
 import numpy as np
 
 CONVS = ("Conv", "QLinearConv", "FusedConv", "ConvInteger")
+# Matrix products under one name in both forms: ORT fuses FP32 MatMuls (FusedMatMul) and the
+# quantizer turns them into QLinearMatMul / MatMulInteger (and Gemm into QGemm).
+MATMULS = {"MatMul": "MatMul", "FusedMatMul": "MatMul", "QLinearMatMul": "MatMul",
+           "MatMulInteger": "MatMul", "Gemm": "Gemm", "QGemm": "Gemm"}
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None) -> Any:
@@ -87,8 +94,9 @@ def conv_kind_of(op: str, input_shapes: Sequence[Sequence[int]], node: str,
 
 def profile_body(path: Path, features: np.ndarray, threads: int, kinds: Mapping[str, str],
                  runs: int = 20) -> dict[str, float]:
-    """Milliseconds per run by op type, convolutions split by kind (``conv:<kind>``); each
-    op's figure is its fastest run (the least disturbed by other load)."""
+    """Milliseconds per run by op type, convolutions split by kind (``conv:<kind>``) and
+    matrix products under their float name (`MATMULS`); each op's figure is its fastest run
+    (the least disturbed by other load)."""
     with tempfile.TemporaryDirectory(prefix="naturelm-prof-") as tmp:
         session = _session(path, threads, profile_prefix=str(Path(tmp) / "p"))
         feed = {session.get_inputs()[0].name: features}
@@ -106,6 +114,7 @@ def profile_body(path: Path, features: np.ndarray, threads: int, kinds: Mapping[
             shapes = [next(iter(s.values())) for s in event["args"].get("input_type_shape", [])]
             node = event["name"].removesuffix("_kernel_time")
             op = f"conv:{conv_kind_of(op, shapes, node, kinds)}"
+        op = MATMULS.get(op, op)
         node_key = event["name"]
         run = seen[node_key]
         seen[node_key] += 1
@@ -117,15 +126,16 @@ def profile_body(path: Path, features: np.ndarray, threads: int, kinds: Mapping[
 
 
 def amdahl_bound(fp32: Mapping[str, float], int8: Mapping[str, float]) -> tuple[float, list[str]]:
-    """Body speed-up if every conv kind that INT8 made faster were swapped in and nothing
-    else changed (no quantize / dequantize / layout costs); and those kinds."""
+    """Body speed-up if every conv kind or matrix product that INT8 made faster were swapped
+    in and nothing else changed (no quantize / dequantize / layout costs); and those kinds."""
     total = sum(fp32.values())
-    faster = [k for k in fp32 if k.startswith("conv:") and k in int8 and int8[k] < fp32[k]]
+    weighted = [k for k in fp32 if k.startswith("conv:") or k in MATMULS.values()]
+    faster = [k for k in weighted if k in int8 and int8[k] < fp32[k]]
     saved = sum(fp32[k] - int8[k] for k in faster)
     return total / (total - saved), sorted(faster)
 
 
-def _student(size: str, window_s: float, tmp: Path) -> tuple[Path, Any]:
+def _student(size: str, arch: str, window_s: float, tmp: Path) -> tuple[Path, Any]:
     import torch
 
     from distill.students import build_student, student_config, task_heads
@@ -135,7 +145,7 @@ def _student(size: str, window_s: float, tmp: Path) -> tuple[Path, Any]:
     torch.manual_seed(0)
     labels = [f"species_{i}" for i in range(20)]
     heads = task_heads({"species": labels, "detection": labels[:10]}, multi_label=["detection"])
-    config = student_config(size, tasks=heads)
+    config = student_config(size, arch, tasks=heads)
     spec = spec_for(config, window_s=window_s)
     path = tmp / "model.onnx"
     export_student(build_student(config).eval(), path, spec)
@@ -144,7 +154,7 @@ def _student(size: str, window_s: float, tmp: Path) -> tuple[Path, Any]:
 
 def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1, 8),
         threads: int = 1, repeats: int = 50, recording: Path | None = None,
-        calibration_clips: int = 16) -> dict[str, Any]:
+        calibration_clips: int = 16, arch: str = "cnn") -> dict[str, Any]:
     """Time the body of every form and profile FP32 against all-INT8; returns the result."""
     from benchmarks.latency import audio_batch, split_at_frontend
     from export.precision import (
@@ -159,7 +169,7 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
     rows, kinds_rows = [], []
     with tempfile.TemporaryDirectory(prefix="naturelm-int8cpu-") as folder:
         tmp = Path(folder)
-        fp32, spec = _student(size, window_s, tmp)
+        fp32, spec = _student(size, arch, window_s, tmp)
         calib = audio_batch(calibration_clips, spec.samples, spec.sample_rate, recording, seed=1)
         forms = {"fp32": (fp32, "float32", "-")}
         to_int8(fp32, tmp / "qdq.onnx", calib)
@@ -197,7 +207,7 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
         kinds_rows.append({"op": op, "fp32_ms": a, "int8_all_ms": b,
                            "int8_vs_fp32": a / b if a and b else None})
     bound, faster = amdahl_bound(prof_fp32, prof_int8)
-    return {"size": size, "window_s": window_s, "threads": threads, "rows": rows,
+    return {"size": size, "arch": arch, "window_s": window_s, "threads": threads, "rows": rows,
             "profile_batch": max(batch_sizes), "profile": kinds_rows, "bound": bound,
             "faster_kinds": faster, "kind_counts": {k: list(kinds.values()).count(k)
                                                    for k in sorted(set(kinds.values()))}}
@@ -208,13 +218,14 @@ def report(result: Mapping[str, Any]) -> str:
     from benchmarks.harness import markdown_table
 
     return "\n".join([
-        f"Body (after the log-mel) of a `{result['size']}` student, {result['window_s']:g} s "
+        f"Body (after the log-mel) of a `{result['size']}` {result['arch']} student, "
+        f"{result['window_s']:g} s "
         f"window, {result['threads']} thread(s), ONNX Runtime CPU; conv kinds "
         f"{result['kind_counts']}.", "",
         markdown_table(result["rows"]), "",
         f"Per op (ms per run, batch {result['profile_batch']}), every conv in INT8:", "",
         markdown_table(result["profile"]), "",
-        f"Amdahl bound: swapping in only the conv kinds INT8 made faster "
+        f"Amdahl bound: swapping in only the conv kinds and matrix products INT8 made faster "
         f"({', '.join(result['faster_kinds']) or 'none'}) with free quantize / dequantize and "
         f"layout changes would make the body at most {result['bound']:.2f}x faster.", ""])
 
@@ -226,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_cpu",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("s", "m", "l"), default="s")
+    parser.add_argument("--arch", choices=("cnn", "transformer"), default="cnn")
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=1)
@@ -236,12 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     result = run(args.size, args.window_s, args.batch_sizes, args.threads, args.repeats,
-                 args.recording)
+                 args.recording, arch=args.arch)
     result["context"] = context(args.threads, probe_gpu=False)
     text = report(result)
     print(text)
     if args.save:
-        for path in write_results(f"int8_cpu_{args.size}", result, text):
+        name = "" if args.arch == "cnn" else f"{args.arch}_"
+        for path in write_results(f"int8_cpu_{name}{args.size}", result, text):
             print(f"wrote {path}")
     json_line(result)
     return 0

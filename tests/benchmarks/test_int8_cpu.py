@@ -24,6 +24,9 @@ def test_amdahl_bound_swaps_in_only_the_kinds_that_got_faster() -> None:
     int8 = {"conv:pointwise": 2.0, "conv:depthwise": 5.0, "QuantizeLinear": 3.0}
     assert amdahl_bound(fp32, int8) == (8.0 / 6.0, ["conv:pointwise"])
     assert amdahl_bound(fp32, {"conv:depthwise": 9.0}) == (1.0, [])
+    # matrix products count like convs; other ops never do, however much faster
+    fp32 = {"MatMul": 4.0, "Softmax": 4.0}
+    assert amdahl_bound(fp32, {"MatMul": 2.0, "Softmax": 1.0}) == (8.0 / 6.0, ["MatMul"])
 
 
 @pytest.mark.slow
@@ -39,3 +42,15 @@ def test_a_short_run_times_every_form_and_bounds_the_speed_up() -> None:
     assert {"conv:pointwise", "conv:depthwise", "QuantizeLinear"} <= ops
     assert result["bound"] >= 1.0
     assert "Amdahl bound" in report(result)
+
+
+@pytest.mark.slow
+def test_the_transformer_variant_profiles_its_matrix_products_under_one_name() -> None:
+    result = run("s", window_s=1.0, batch_sizes=(1,), repeats=5, calibration_clips=4,
+                 arch="transformer")
+    assert result["arch"] == "transformer"
+    profile = {r["op"]: r for r in result["profile"]}
+    # FP32's MatMul / FusedMatMul and INT8's QLinearMatMul land on one row with both figures
+    assert profile["MatMul"]["fp32_ms"] and profile["MatMul"]["int8_all_ms"]
+    assert not {"FusedMatMul", "QLinearMatMul", "MatMulInteger"} & set(profile)
+    assert "transformer student" in report(result)
