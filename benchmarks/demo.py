@@ -4,7 +4,7 @@ Stages, in order, each calling the project's own typed functions in this process
 Lightning stages through their LightningCLI with an argument list):
 
 1. corpus: the synthetic chorus (`corpus synth`), clips in splits and a long soundscape with
-   its Raven ground truth, and a second chorus of the next seed that only the encoder
+   its Raven ground truth, and two more choruses of the next seeds that only the encoder
    pretraining uses (or ``--corpus``, a real manifest);
 2. teacher: the ``tiny`` teacher trained by its shipped LightningCLI config (`teacher fit`;
    or ``--teacher``, an existing checkpoint, or ``--teacher-config``, another YAML);
@@ -69,8 +69,10 @@ class DemoPlan:
         soundscape_min: minutes of the long soundscape.
         pretrain_epochs: epochs of supervised encoder pretraining on the clip labels before a
             from-scratch teacher (the `tiny` config) is trained on top of it, frozen; 0 skips.
-        pretrain_clips: clips of a second synthetic chorus (the next seed, other recordings)
-            that the encoder pretraining also trains on (synthetic corpus only; 0: none).
+        pretrain_clips: clips of each further synthetic chorus (the next seeds: other
+            recordings, animals and sites) that the encoder pretraining also trains on
+            (synthetic corpus only; 0: none).
+        pretrain_choruses: how many such choruses (seeds ``seed + 1`` to ``seed + n``).
         teacher_args: extra LightningCLI arguments for `teacher fit`.
         student_args: extra LightningCLI arguments for `distill fit`.
         max_new_tokens: longest generated teacher answer (eval and targets).
@@ -82,8 +84,9 @@ class DemoPlan:
     clips: int | None = None
     clips_per_recording: int = 10
     soundscape_min: float = 10.0
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 8
     pretrain_clips: int = 4800
+    pretrain_choruses: int = 2
     teacher_args: tuple[str, ...] = ()
     student_args: tuple[str, ...] = ()
     max_new_tokens: int = 24
@@ -286,6 +289,15 @@ class Options:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return "cpu"
 
+    @property
+    def torch_threads(self) -> int:
+        """Threads of the training and labelling: ``--threads``, else every core this
+        process may use (the demo runs alone; on a quiet 2-core machine two threads make a
+        pretraining step 1.6x and a student step 1.7x faster than one)."""
+        from benchmarks.harness import usable_cores
+
+        return self.threads or usable_cores()
+
     def trainer_args(self) -> list[str]:
         progress = "true" if sys.stderr.isatty() else "false"
         return [f"--seed_everything={self.seed}", f"--trainer.accelerator={self.accelerator}",
@@ -303,7 +315,7 @@ def _count_splits(manifest: Path) -> dict[str, int]:
 
 def stage_corpus(o: Options) -> dict[str, Any]:
     """The synthetic chorus (or the given manifest) and the long recording with its truth."""
-    extra: str | None = None
+    extra: list[str] = []
     if o.corpus is not None:
         if not o.corpus.is_file():
             raise ManifestError(o.corpus, "manifest not found")
@@ -317,15 +329,16 @@ def stage_corpus(o: Options) -> dict[str, Any]:
               clips_per_recording=plan.clips_per_recording,
               **({"clips": plan.clips} if plan.clips else {}))
         manifest, recording = folder / "manifest.jsonl", folder / "soundscape.flac"
-        if plan.pretrain_clips:
-            synth(out=o.out / "corpus-pretrain", seed=o.seed + 1, clips=plan.pretrain_clips,
-                  soundscape_min=0.0, clips_per_recording=plan.clips_per_recording, quiet=True)
-            extra = str(o.out / "corpus-pretrain" / "manifest.jsonl")
+        for k in range(1, plan.pretrain_choruses + 1 if plan.pretrain_clips else 1):
+            chorus = o.out / f"corpus-pretrain-{k}"
+            synth(out=chorus, seed=o.seed + k, clips=plan.pretrain_clips, soundscape_min=0.0,
+                  clips_per_recording=plan.clips_per_recording, quiet=True)
+            extra.append(str(chorus / "manifest.jsonl"))
     if recording is not None and not recording.is_file():
         raise InputError(recording, "long recording not found")
     table = truth_table(recording) if recording is not None else None
     return {"manifest": str(manifest), "records": _count_splits(manifest),
-            "pretrain_manifest": extra,
+            "pretrain_manifests": extra,
             "soundscape": str(recording) if recording else None,
             "truth": str(table) if table else None}
 
@@ -342,8 +355,7 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
     argv = ["--config", o.teacher_config, f"--data.manifest={corpus['manifest']}",
             f"--trainer.default_root_dir={folder}", *o.trainer_args(),
             "--trainer.enable_model_summary=false"]
-    if o.threads:
-        argv.append(f"--num_threads={o.threads}")
+    argv.append(f"--num_threads={o.torch_threads}")
     if o.teacher_config == "tiny" and o.plan.pretrain_epochs > 0:
         argv.append("--model.config=" + json.dumps(pretrain_tiny_encoder(o, corpus, folder)))
     fit([*argv, *o.plan.teacher_args])
@@ -356,14 +368,14 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
 def pretrain_tiny_encoder(o: Options, corpus: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     """Pretrain the tiny teacher's BEATs on the clip labels (nothing pretrained exists offline,
     while NatureLM-audio starts from a pretrained BEATs) and return the teacher-config overrides
-    that load it, frozen; the second synthetic chorus, when the corpus stage made one, is
-    trained on too. Measured figures: `teacher/configs/tiny.yaml`."""
+    that load it, frozen; the further synthetic choruses the corpus stage made are trained on
+    too. Measured figures: `teacher/configs/tiny.yaml`."""
     from teacher.pretrain import pretrain_encoder
 
     path = folder / "encoder.pt"
-    extra = [Path(corpus["pretrain_manifest"])] if corpus.get("pretrain_manifest") else []
+    extra = [Path(m) for m in corpus["pretrain_manifests"]]
     code = pretrain_encoder(Path(corpus["manifest"]), path, preset="tiny",
-                            epochs=o.plan.pretrain_epochs, num_threads=o.threads or 1,
+                            epochs=o.plan.pretrain_epochs, num_threads=o.torch_threads,
                             extra_manifests=extra, device=o.torch_device)
     if code != 0 or not path.is_file():
         raise InputError(path, f"encoder pretraining failed (exit code {code})")
@@ -390,7 +402,8 @@ def stage_targets(o: Options, corpus: Mapping[str, Any],
     folder = o.out / "targets"
     label(Path(teacher["checkpoint"]), Path(corpus["manifest"]), folder,
           accelerator=o.accelerator, devices=str(o.devices),
-          max_new_tokens=o.plan.max_new_tokens, resume=True, num_threads=o.threads or 1)
+          max_new_tokens=o.plan.max_new_tokens, resume=True,
+          num_threads=o.torch_threads)
     store = TargetStore(folder)
     return {"targets": str(folder), "rows": len(store), "teacher_hash": store.teacher_hash}
 
@@ -401,10 +414,9 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
     from distill.cli import fit, format_report, report_rows
 
     folder = o.out / "students" / size
-    threads = [f"--num_threads={o.threads}"] if o.threads else []
     fit(["--config", f"student-{size}", f"--data.manifest={corpus['manifest']}",
          f"--data.targets={targets['targets']}", f"--trainer.default_root_dir={folder}",
-         *threads, *o.trainer_args(), "--trainer.enable_model_summary=false",
+         f"--num_threads={o.torch_threads}", *o.trainer_args(), "--trainer.enable_model_summary=false",
          *o.plan.student_args])
     checkpoint = folder / "student.ckpt"
     if not checkpoint.is_file():
@@ -545,7 +557,8 @@ def build_stages(o: Options) -> list[Stage]:
               {"seed": o.seed, "corpus": o.corpus, "soundscape": o.soundscape,
                "clips": plan["clips"], "soundscape_min": plan["soundscape_min"],
                "per_recording": plan["clips_per_recording"],
-               "pretrain_clips": plan["pretrain_clips"]}),
+               "pretrain_clips": plan["pretrain_clips"],
+               "pretrain_choruses": plan["pretrain_choruses"]}),
         Stage(2, "teacher", "teacher (Lightning)" if o.teacher is None else "teacher (given)",
               lambda out: stage_teacher(o, out["corpus"]), ("corpus",),
               {"teacher": o.teacher, "config": o.teacher_config, "args": plan["teacher_args"],
@@ -646,8 +659,11 @@ def demo(
         devices: devices per Lightning stage (Lightning's DDP re-launches the command
             line in each process, so for several GPUs run `teacher fit`, `distill label`
             and `distill fit` themselves and pass their results in with --teacher).
-        threads: torch and ONNX Runtime threads of the training and analysis (default:
-            the teacher config's, torch's); latencies are always measured on one thread.
+        threads: torch threads of the training and labelling (default: every core this
+            process may use) and ONNX Runtime threads of the analysis (default: one);
+            latencies are always measured on one thread. Give 1 on a machine shared with
+            other jobs (the shipped configs' setting: two threads per process spin while
+            the other is descheduled).
         resume: skip stages finished by an earlier run with the same inputs.
         quick: a much smaller run (40 clips, half a minute of soundscape, an epoch or so).
     """

@@ -293,7 +293,7 @@ def pretraining_records(manifest: Path, extra_manifests: Sequence[Path], train_s
     return records, extra
 
 
-def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 12,
+def pretrain_encoder(manifest: Path, out: Path, preset: str = "tiny", epochs: int = 8,
                      batch_size: int = 16, lr: float = 2e-3, num_threads: int = 1,
                      max_minutes: float | None = None, weight_decay: float = 0.01,
                      warmup_steps: int = 30, train_split: str = "train",

@@ -91,6 +91,21 @@ def test_a_damaged_marker_is_named(tmp_path: Path) -> None:
 
 
 # -- soundscape scoring -------------------------------------------------------------------------
+def test_training_uses_every_usable_core_unless_threads_are_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.demo import PLANS, Options
+
+    monkeypatch.setattr("benchmarks.harness.usable_cores", lambda: 6)
+
+    def options(threads: int | None) -> Options:
+        return Options(out=Path("x"), seed=0, plan=PLANS["quick"], corpus=None, soundscape=None,
+                       teacher=None, teacher_config="tiny", student_sizes=("s",),
+                       accelerator="cpu", devices=1, threads=threads)
+
+    assert options(None).torch_threads == 6
+    assert options(1).torch_threads == 1
+
+
 def test_score_events_by_hand() -> None:
     calls = [Event(1.0, 2.0, "Kea"), Event(12.0, 12.5, "Tui"), Event(35.0, 36.0, "Kea")]
     detections = [Event(0.0, 10.0, "Kea"),     # right: the first call
@@ -142,13 +157,17 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     assert list(final["stages_s"]) == names
     markers = {p.name: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
     assert len(markers) == 9 and not list((out / "stages").glob("*.started.json"))
-    # the encoder pretraining also trained on the second chorus (the next seed)
-    extra = Path(markers["01-corpus.json"]["outputs"]["pretrain_manifest"])
-    assert extra.is_file() and extra.parent == out / "corpus-pretrain"
+    # the encoder pretraining also trained on two more choruses (the next seeds)
+    extra = markers["01-corpus.json"]["outputs"]["pretrain_manifests"]
+    assert [Path(m).parent for m in extra] == [out / "corpus-pretrain-1", out / "corpus-pretrain-2"]
+    assert all(Path(m).is_file() for m in extra)
+    seeds = [json.loads((Path(m).parent / "synth.json").read_text())["config"]["seed"]
+             for m in extra]
+    assert seeds == [1, 2]
     import torch
 
     pretrain = torch.load(out / "teacher" / "encoder.pt", weights_only=True)["pretrain"]
-    assert pretrain["extra_manifests"] == [str(extra)]
+    assert pretrain["extra_manifests"] == extra
     models = {m["model"]: m for m in final["models"]}
     assert list(models) == ["teacher", "demo-s fp32", "demo-s fp16", "demo-s int8"]
     for m in models.values():
