@@ -329,7 +329,8 @@ def stage_corpus(o: Options) -> dict[str, Any]:
               clips_per_recording=plan.clips_per_recording,
               **({"clips": plan.clips} if plan.clips else {}))
         manifest, recording = folder / "manifest.jsonl", folder / "soundscape.flac"
-        for k in range(1, plan.pretrain_choruses + 1 if plan.pretrain_clips else 1):
+        choruses = plan.pretrain_choruses if plan.pretrain_clips else 0
+        for k in range(1, choruses + 1):
             chorus = o.out / f"corpus-pretrain-{k}"
             synth(out=chorus, seed=o.seed + k, clips=plan.pretrain_clips, soundscape_min=0.0,
                   clips_per_recording=plan.clips_per_recording, quiet=True)
