@@ -299,9 +299,11 @@ class Options:
         return self.threads or usable_cores()
 
     def trainer_args(self) -> list[str]:
+        """The arguments both LightningCLI stages (`teacher fit`, `distill fit`) share."""
         progress = "true" if sys.stderr.isatty() else "false"
-        return [f"--seed_everything={self.seed}", f"--trainer.accelerator={self.accelerator}",
-                f"--trainer.devices={self.devices}", f"--trainer.enable_progress_bar={progress}"]
+        return [f"--seed_everything={self.seed}", f"--num_threads={self.torch_threads}",
+                f"--trainer.accelerator={self.accelerator}", f"--trainer.devices={self.devices}",
+                f"--trainer.enable_progress_bar={progress}"]
 
 
 def _count_splits(manifest: Path) -> dict[str, int]:
@@ -356,7 +358,6 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
     argv = ["--config", o.teacher_config, f"--data.manifest={corpus['manifest']}",
             f"--trainer.default_root_dir={folder}", *o.trainer_args(),
             "--trainer.enable_model_summary=false"]
-    argv.append(f"--num_threads={o.torch_threads}")
     if o.teacher_config == "tiny" and o.plan.pretrain_epochs > 0:
         argv.append("--model.config=" + json.dumps(pretrain_tiny_encoder(o, corpus, folder)))
     fit([*argv, *o.plan.teacher_args])
@@ -417,7 +418,7 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
     folder = o.out / "students" / size
     fit(["--config", f"student-{size}", f"--data.manifest={corpus['manifest']}",
          f"--data.targets={targets['targets']}", f"--trainer.default_root_dir={folder}",
-         f"--num_threads={o.torch_threads}", *o.trainer_args(), "--trainer.enable_model_summary=false",
+         *o.trainer_args(), "--trainer.enable_model_summary=false",
          *o.plan.student_args])
     checkpoint = folder / "student.ckpt"
     if not checkpoint.is_file():
