@@ -100,9 +100,10 @@ def fit(argv: list[str]) -> int:
 
 def report_rows(checkpoint: Path, targets: Path, manifest: Path, split: str = "test",
                 batch_size: int = 32, device: str = "cpu") -> list[dict[str, Any]]:
-    """One dict per task: parameters, MACs per window, agreement and both accuracies."""
+    """One dict per task: parameters, MACs per window, agreement, both accuracies, and the
+    clips where student and teacher disagree by who matches the ground truth."""
     from distill.checkpoint import load_student, teacher_hash_of
-    from distill.lightning import StudentDataModule, evaluate
+    from distill.lightning import DISAGREEMENTS, StudentDataModule, evaluate
     from distill.students import count_macs, count_parameters
 
     model, cfg = load_student(checkpoint, map_location=device)
@@ -123,13 +124,15 @@ def report_rows(checkpoint: Path, targets: Path, manifest: Path, split: str = "t
     rows = []
     for task in cfg.tasks:
         r = rates.get(task, {"agreement": math.nan, "accuracy": math.nan,
-                             "teacher_accuracy": math.nan, "clips": 0.0})
+                             "teacher_accuracy": math.nan, "clips": 0.0,
+                             **dict.fromkeys(DISAGREEMENTS, 0.0)})
         ratio = r["accuracy"] / r["teacher_accuracy"] if r["teacher_accuracy"] else math.nan
         rows.append({"task": task, "params": params, "macs": macs,
                      "teacher_params": teacher_params, "clips": int(r["clips"]),
                      "agreement": r["agreement"], "accuracy": r["accuracy"],
                      "teacher_accuracy": r["teacher_accuracy"], "accuracy_ratio": ratio,
-                     "masked": data.missing.get(f"{split}/{task}", 0)})
+                     "masked": data.missing.get(f"{split}/{task}", 0),
+                     **{key: int(r[key]) for key in DISAGREEMENTS}})
     return rows
 
 
@@ -152,15 +155,21 @@ def _teacher_parameters(config: dict[str, Any]) -> int | None:
 
 
 def format_report(rows: Sequence[dict[str, Any]]) -> str:
-    """The report table (percentages) and a summary line of size against the teacher."""
+    """The report table (percentages), a legend of its disagreement column and a summary line
+    of size against the teacher."""
+    from distill.lightning import DISAGREEMENTS
+
     head = (f"{'task':<12} {'params':>9} {'MMACs':>8} {'clips':>6} {'agree%':>7} {'acc%':>7} "
-            f"{'teacher%':>8} {'acc/teacher':>11} {'masked':>6}")
+            f"{'teacher%':>8} {'acc/teacher':>11} {'masked':>6} {'differ s/t/n':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        differ = "/".join(str(r[key]) for key in DISAGREEMENTS)
         lines.append(f"{r['task']:<12} {r['params']:>9,} {r['macs'] / 1e6:>8.1f} {r['clips']:>6} "
                      f"{100 * r['agreement']:>7.2f} {100 * r['accuracy']:>7.2f} "
                      f"{100 * r['teacher_accuracy']:>8.2f} {100 * r['accuracy_ratio']:>10.2f}% "
-                     f"{r['masked']:>6}")
+                     f"{r['masked']:>6} {differ:>13}")
+    lines.append("differ s/t/n: clips with ground truth where student and teacher answer "
+                 "differently, by who is right: student / teacher / neither")
     if rows and rows[0]["teacher_params"]:
         share = rows[0]["params"] / rows[0]["teacher_params"]
         lines.append(f"student / teacher parameters: {rows[0]['params']:,} / "

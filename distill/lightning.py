@@ -448,7 +448,9 @@ def task_predictions(logits: torch.Tensor, teacher: torch.Tensor, multi_label: b
 def task_counts(logits: torch.Tensor, target: Mapping[str, torch.Tensor], multi_label: bool
                 ) -> dict[str, torch.Tensor]:
     """Per-batch sums: agreement with the teacher over clips with a target, student and teacher
-    correct over clips with both ground truth and a target (and the denominators)."""
+    correct over clips with both ground truth and a target (and the denominators), and those
+    scored clips where the two disagree, split by who matches the ground truth: the student
+    (``student_right``), the teacher (``teacher_right``) or neither (``neither_right``)."""
     student, teacher = task_predictions(logits, target["teacher"], multi_label)
     mask, hard = target["mask"].bool(), target["hard"]
     if multi_label:
@@ -460,13 +462,20 @@ def task_counts(logits: torch.Tensor, target: Mapping[str, torch.Tensor], multi_
         known = hard >= 0
         s_ok, t_ok = student == hard, teacher == hard
     scored = known & mask
+    differ = scored & ~agree
     return {"agree": (agree & mask).sum(), "with_target": mask.sum(),
             "correct": (s_ok & scored).sum(), "teacher_correct": (t_ok & scored).sum(),
-            "with_truth": scored.sum()}
+            "with_truth": scored.sum(), "student_right": (differ & s_ok).sum(),
+            "teacher_right": (differ & t_ok).sum(), "neither_right": (differ & ~s_ok & ~t_ok).sum()}
+
+
+DISAGREEMENTS = ("student_right", "teacher_right", "neither_right")
 
 
 def summarize(totals: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Rates per task from summed `task_counts`: agreement, accuracy, teacher_accuracy."""
+    """Rates per task from summed `task_counts`: agreement, accuracy, teacher_accuracy; and
+    the counts of scored disagreements by who is right (student_right, teacher_right,
+    neither_right)."""
     out = {}
     for task, c in totals.items():
         def rate(num: str, den: str, c: Mapping[str, float] = c) -> float:
@@ -475,7 +484,8 @@ def summarize(totals: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, 
         out[task] = {"agreement": rate("agree", "with_target"),
                      "accuracy": rate("correct", "with_truth"),
                      "teacher_accuracy": rate("teacher_correct", "with_truth"),
-                     "clips": float(c["with_target"])}
+                     "clips": float(c["with_target"]),
+                     **{key: float(c[key]) for key in DISAGREEMENTS}}
     return out
 
 

@@ -57,9 +57,13 @@ def test_report_prints_every_task(fitted: Path, store: Path, corpus: Path, tmp_p
     assert "species" in printed and "detection" in printed and "teacher%" in printed
     rows = json.loads(out.read_text())["rows"]
     assert sorted(r["task"] for r in rows) == ["detection", "species"]
+    assert "differ s/t/n" in printed
     for r in rows:
         assert r["params"] > 0 and r["macs"] > 0 and r["clips"] == 2
         assert 0.0 <= r["agreement"] <= 1.0 and r["teacher_accuracy"] == 1.0
+        # The teacher is right on every clip here, so every disagreement is the student's error.
+        differ = round(r["clips"] * (1 - r["agreement"]))
+        assert (r["student_right"], r["teacher_right"], r["neither_right"]) == (0, differ, 0)
     assert format_report(report_rows(fitted, store, corpus, "test")).count("\n") >= 2
 
 

@@ -19,6 +19,7 @@ from distill.lightning import (
     hard_label,
     mix_batch,
     mix_presence,
+    summarize,
     task_counts,
 )
 from distill.targets import (
@@ -130,7 +131,28 @@ def test_task_counts_agreement_and_accuracy() -> None:
               "mask": torch.tensor([True, True, False]), "hard": torch.tensor([0, 0, 0])}
     c = {k: int(v) for k, v in task_counts(logits, target, multi_label=False).items()}
     assert c == {"agree": 1, "with_target": 2, "correct": 1, "teacher_correct": 2,
-                 "with_truth": 2}
+                 "with_truth": 2, "student_right": 0, "teacher_right": 1, "neither_right": 0}
+
+
+def test_task_counts_split_disagreements_by_who_is_right() -> None:
+    """Student and teacher differ on clips 0-2 (student right, teacher right, neither), agree
+    on clip 3, and clip 4 has no ground truth: it counts for agreement, not for who is right."""
+    logits = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [3.0, 0, 0], [0, 3.0, 0]])
+    teacher = torch.log_softmax(torch.tensor(
+        [[0, 3.0, 0], [3.0, 0, 0], [3.0, 0, 0], [3.0, 0, 0], [3.0, 0, 0]]), -1)
+    target = {"teacher": teacher, "mask": torch.ones(5, dtype=torch.bool),
+              "hard": torch.tensor([0, 0, 1, 0, -1])}
+    c = {k: int(v) for k, v in task_counts(logits, target, multi_label=False).items()}
+    assert (c["agree"], c["with_target"], c["with_truth"]) == (1, 5, 4)
+    assert (c["student_right"], c["teacher_right"], c["neither_right"]) == (1, 1, 1)
+    # Multi-label: an exact-set disagreement on the first clip, where the student's set is right.
+    logits = torch.tensor([[3.0, -3.0], [3.0, 3.0]])
+    target = {"teacher": torch.tensor([[0.9, 0.9], [0.9, 0.9]]),
+              "mask": torch.ones(2, dtype=torch.bool), "hard": torch.tensor([[1, 0], [0, 1]])}
+    c = {k: int(v) for k, v in task_counts(logits, target, multi_label=True).items()}
+    assert (c["agree"], c["student_right"], c["teacher_right"], c["neither_right"]) == (1, 1, 0, 0)
+    totals = summarize({"species": {k: float(v) for k, v in c.items()}})["species"]
+    assert totals["student_right"] == 1.0 and totals["neither_right"] == 0.0
 
 
 def test_a_few_kd_steps_learn_and_checkpoint_rebuilds(corpus: Path, store: Path,
