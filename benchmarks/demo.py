@@ -12,6 +12,8 @@ Lightning stages through their LightningCLI with an argument list):
 4. targets: the teacher's targets for every clip and task (`distill label`);
 5. student-SIZE: each student distilled by its shipped config (`distill fit`) and reported;
 6. export-SIZE: ONNX FP32 (front end inside), FP16 and INT8 (`export onnx`, `export quantize`);
+   a variant below its top-1 agreement bar with FP32 is left out (``--on-fail drop``) and
+   listed, with its agreement per task, at the end of the report;
 7. bundle-SIZE: the bundle with its measured agreement with the teacher (`export bundle`);
 8. analysis-SIZE: the runtime on the long soundscape (`analyze`, one thread), its detections
    scored against the soundscape's Raven table: a detection (one window) is right when a
@@ -431,17 +433,20 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
 
 def stage_export(o: Options, size: str, corpus: Mapping[str, Any],
                  student: Mapping[str, Any]) -> dict[str, Any]:
-    """ONNX FP32 with the front end inside, then FP16 and INT8 checked against it."""
+    """ONNX FP32 with the front end inside, then FP16 and INT8 checked against it; a variant
+    below its agreement bar is dropped (recorded, and shown in the final report) so the run
+    goes on with the variants that passed."""
     from export.bundle import read_report
     from export.cli import onnx, quantize
 
     folder = o.out / "export" / size
     onnx(Path(student["checkpoint"]), folder, threads=LATENCY_THREADS)
     quantize(folder, Path(corpus["manifest"]), calibration_clips=o.plan.calibration_clips,
-             heldout_clips=o.plan.heldout_clips)
+             heldout_clips=o.plan.heldout_clips, on_fail="drop")
     report = read_report(folder)
     return {"export": str(folder), "models": report["models"],
-            "agreement_fp32": report.get("agreement_fp32", {})}
+            "agreement_fp32": report.get("agreement_fp32", {}),
+            "rejected": report.get("rejected", {})}
 
 
 def stage_bundle(o: Options, size: str, corpus: Mapping[str, Any], targets: Mapping[str, Any],
@@ -490,7 +495,8 @@ def stage_analysis(o: Options, size: str, corpus: Mapping[str, Any],
 
 def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any],
                 targets: Mapping[str, Any], bundles: Mapping[str, Mapping[str, Any]],
-                analyses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+                analyses: Mapping[str, Mapping[str, Any]],
+                exports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Accuracy, agreement, calibration and latency for the teacher and every model."""
     from benchmarks.accuracy import LatencyOptions, run_accuracy
 
@@ -505,12 +511,14 @@ def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any
                                            ("task", "precision", "recall", "detections",
                                             "calls", "x_real_time", "skipped")}}
              for size, a in analyses.items()]
-    markdown = render_report(table, sound, result["context"])
+    rejected = [{"bundle": f"demo-{size}", "file": file, **r}
+                for size, e in exports.items() for file, r in e.get("rejected", {}).items()]
+    markdown = render_report(table, sound, result["context"], rejected)
     from runtime.files import atomic_write_text
 
     atomic_write_text(o.out / "report.md", markdown + "\n")
     payload = {"demo": str(o.out), "models": table, "soundscape": sound,
-               "context": result["context"], "plot": result.get("plot")}
+               "rejected": rejected, "context": result["context"], "plot": result.get("plot")}
     _write_json(o.out / "report.json", payload)
     return {"report": str(o.out / "report.md"), "json": str(o.out / "report.json"),
             **payload}
@@ -534,19 +542,27 @@ def final_table(models: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str,
 
 
 def render_report(table: Sequence[Mapping[str, Any]], soundscape: Sequence[Mapping[str, Any]],
-                  context: Mapping[str, Any]) -> str:
-    """The markdown report: the model table (percentages) and the soundscape scores."""
+                  context: Mapping[str, Any], rejected: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The markdown report: the model table (percentages), the soundscape scores and the
+    variants left out at their agreement gate (each with its reason)."""
     from benchmarks.harness import markdown_table
 
     shown = [{k: (100 * v if isinstance(v, float) and k not in ("ms_per_window", "x_real_time")
                   else v) for k, v in row.items()} for row in table]
-    return "\n".join([
+    lines = [
         "## Accuracy against ground truth and the teacher, latency (test split)", "",
         "Scores, agreement and ECE in %; latency: mean ms per window, 1 thread, batch 1, "
         f"on {context.get('cpu')} ({context.get('cores')} cores).", "",
         markdown_table(shown, floatfmt=".1f"), "",
         "## Long soundscape: detections against the Raven ground truth (within one window)", "",
-        markdown_table(soundscape, floatfmt=".3f")])
+        markdown_table(soundscape, floatfmt=".3f")]
+    if rejected:
+        lines += ["", "## Variants left out: below their top-1 agreement bar with FP32", ""]
+        lines += [f"- {r['bundle']}: {r['file']} ({r['precision']}, bar {r['bar']:.1%}): "
+                  + ", ".join(f"{task.removesuffix('_logits')} {value:.2%}"
+                              for task, value in r["agreement"].items())
+                  for r in rejected]
+    return "\n".join(lines)
 
 
 def build_stages(o: Options) -> list[Stage]:
@@ -603,9 +619,10 @@ def build_stages(o: Options) -> list[Stage]:
         9, "table", "final table",
         lambda out: stage_table(o, out["corpus"], out["teacher"], out["targets"],
                                 {s: out[f"bundle-{s}"] for s in sizes},
-                                {s: out[f"analysis-{s}"] for s in sizes}),
+                                {s: out[f"analysis-{s}"] for s in sizes},
+                                {s: out[f"export-{s}"] for s in sizes}),
         ("corpus", "teacher", "targets", *(f"bundle-{s}" for s in sizes),
-         *(f"analysis-{s}" for s in sizes)),
+         *(f"analysis-{s}" for s in sizes), *(f"export-{s}" for s in sizes)),
         {"repeats": plan["latency_repeats"]}))
     return stages
 
@@ -691,5 +708,5 @@ def demo(
     from benchmarks.harness import json_line
 
     json_line({"demo": str(options.out), "stages_s": times, "models": table["models"],
-               "soundscape": table["soundscape"]})
+               "soundscape": table["soundscape"], "rejected": table.get("rejected", [])})
     return 0

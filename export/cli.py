@@ -22,11 +22,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from export.precision import PrecisionError
     from export.spec import ExportSpec
 
 MODEL = "model.onnx"
@@ -91,13 +92,19 @@ def _spec(export_dir: Path) -> ExportSpec:
 def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp16", "int8"),
              calibration_split: str = "train", heldout_splits: Sequence[str] = ("test", "valid"),
              calibration_clips: int = 128, heldout_clips: int = 512,
-             int8_cpu: Literal["auto", "always", "never"] = "auto", threads: int = 1) -> int:
+             int8_cpu: Literal["auto", "always", "never"] = "auto", threads: int = 1,
+             on_fail: Literal["error", "drop"] = "error") -> int:
     """Write FP16 and INT8 variants and check their top-1 agreement with FP32 on held-out clips.
 
     INT8 comes in two forms: the QDQ model TensorRT and CUDA build from (model.int8.onnx), and
     a CPU variant for ONNX Runtime's CPU kernels (model.int8cpu.onnx). When the CPU variant is
     kept, it is the INT8 model listed for the cpu backend and the QDQ model is listed for cuda
     and tensorrt only; otherwise the QDQ model serves every backend.
+
+    A variant below its agreement bar (FP16 99.5 %, INT8 99 % top-1 per task) stops the
+    command with `PrecisionError`, or with ``--on-fail drop`` is deleted, left out of the
+    models and recorded under ``rejected`` in export.json (its agreement, bar and reason), so
+    the bundle ships only the variants that passed.
 
     Args:
         export_dir: the folder `export onnx` wrote.
@@ -109,9 +116,10 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         heldout_clips: most clips used for the agreement check.
         int8_cpu: the CPU INT8 variant: auto (kept when faster than FP32 here), always, never.
         threads: ONNX Runtime CPU threads for the CPU INT8 timing.
+        on_fail: a variant below its bar: error (stop) or drop (delete it, record why, go on).
     """
-    from export.bundle import model_entry, update_report
-    from export.precision import check_variant, manifest_clips, to_fp16, to_int8
+    from export.bundle import model_entry, read_report, update_report
+    from export.precision import manifest_clips, to_fp16, to_int8
 
     unknown = sorted(set(precisions) - {"fp16", "int8"})
     if unknown:
@@ -120,10 +128,13 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         raise ValueError(f"unknown CPU INT8 mode {int8_cpu!r}; choose auto, always or never")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if on_fail not in ("error", "drop"):
+        raise ValueError(f"unknown on_fail {on_fail!r}; choose error or drop")
     spec = _spec(export_dir)
     fp32 = export_dir / MODEL
     heldout = manifest_clips(manifest, spec, heldout_splits, heldout_clips)
     scores: dict[str, dict[str, float]] = {}
+    rejected: dict[str, dict[str, Any]] = {}
     models = []
     drop: list[str] = []
     fields = {}
@@ -131,37 +142,86 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         out = export_dir / _variant_file(precision)
         if precision == "fp16":
             to_fp16(fp32, out)
-            scores[precision] = check_variant(fp32, out, precision, heldout, spec)
-            models.append(model_entry(out.name, precision, "conv"))
-            continue
-        calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
-        to_int8(fp32, out, calib)
-        fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
-                                 "clips": len(calib)}
-        scores[precision] = check_variant(fp32, out, precision, heldout, spec)
-        cpu_entry, fields["int8_cpu"] = _int8_cpu(export_dir, calib, heldout, spec, int8_cpu,
-                                                  threads)
-        if cpu_entry is None:
-            models.append(model_entry(out.name, precision, "conv"))
-            drop.append(INT8_CPU)
         else:
-            models += [model_entry(out.name, precision, "conv", ("cuda", "tensorrt")),
-                       cpu_entry]
+            calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
+            to_int8(fp32, out, calib)
+            fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
+                                     "clips": len(calib)}
+        passed = _gate(fp32, out, precision, heldout, spec, on_fail, rejected)
+        if passed is None:
+            drop.append(out.name)
+        else:
+            scores[precision] = passed
+        if precision == "fp16":
+            models += [] if passed is None else [model_entry(out.name, precision, "conv")]
+            continue
+        cpu_entry, fields["int8_cpu"] = _int8_cpu(export_dir, calib, heldout, spec, int8_cpu,
+                                                  threads, on_fail, rejected)
+        if cpu_entry is None:
+            drop.append(INT8_CPU)
+        if passed is not None:
+            backends = ("cuda", "tensorrt") if cpu_entry else ("cpu", "cuda", "tensorrt")
+            models.append(model_entry(out.name, precision, "conv", backends))
+        models += [cpu_entry] if cpu_entry else []
+    earlier = read_report(export_dir).get("rejected", {})
+    rejected = {**{f: r for f, r in earlier.items() if r["precision"] not in precisions},
+                **rejected}
     update_report(export_dir, models=models, drop=drop, agreement_fp32=scores,
+                  rejected=rejected,
                   heldout={"manifest": str(manifest), "splits": list(heldout_splits),
                            "clips": len(heldout)}, **fields)
     return 0
 
 
-def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
-              mode: str, threads: int) -> tuple[dict | None, dict]:
-    """Write (or not) the CPU INT8 variant; returns its model entry (None when not kept: a
-    stale file from an earlier run is removed) and the decision recorded in export.json."""
-    from export.bundle import model_entry
-    from export.precision import maybe_int8_cpu
+def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: ExportSpec,
+          on_fail: str, rejected: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """``variant``'s agreement with FP32 per task, or None when it is below its bar and
+    ``on_fail`` is drop: the file is deleted and the failure recorded in ``rejected``."""
+    from export.precision import BARS, PrecisionError, check_variant
 
-    path, decision = maybe_int8_cpu(export_dir / MODEL, export_dir / INT8_CPU, calib, heldout,
-                                    spec, mode, threads)
+    try:
+        return check_variant(fp32, variant, precision, heldout, spec)
+    except PrecisionError as error:
+        if on_fail != "drop":
+            raise _with_hint(error) from error
+        _reject(variant, precision, BARS[precision], error, rejected)
+        return None
+
+
+def _with_hint(error: PrecisionError) -> PrecisionError:
+    """The same failure, telling the user how to go on without the variant."""
+    return type(error)(f"{error} (`--on-fail drop` leaves the variant out and goes on)",
+                       error.scores)
+
+
+def _reject(variant: Path, precision: str, bar: float, error: PrecisionError,
+            rejected: dict[str, dict[str, Any]]) -> None:
+    """Delete a variant that failed its gate and record why under its file name."""
+    variant.unlink(missing_ok=True)
+    rejected[variant.name] = {"precision": precision, "bar": bar, "agreement": error.scores,
+                              "reason": str(error)}
+    print(f"dropped {variant.name}: {error}")
+
+
+def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
+              mode: str, threads: int, on_fail: str = "error",
+              rejected: dict[str, dict[str, Any]] | None = None) -> tuple[dict | None, dict]:
+    """Write (or not) the CPU INT8 variant; returns its model entry (None when not kept: a
+    stale file from an earlier run is removed) and the decision recorded in export.json.
+    Below the INT8 bar it raises, or with ``on_fail`` drop is removed and recorded in
+    ``rejected``."""
+    from export.bundle import model_entry
+    from export.precision import BARS, PrecisionError, maybe_int8_cpu
+
+    try:
+        path, decision = maybe_int8_cpu(export_dir / MODEL, export_dir / INT8_CPU, calib,
+                                        heldout, spec, mode, threads)
+    except PrecisionError as error:
+        if on_fail != "drop" or rejected is None:
+            raise _with_hint(error) from error
+        _reject(export_dir / INT8_CPU, "int8", BARS["int8"], error, rejected)
+        return None, {"mode": mode, "kept": False, "threads": threads, "fp32_ms": None,
+                      "int8_cpu_ms": None, "agreement": error.scores}
     record = {"mode": mode, "kept": path is not None, "threads": threads,
               "fp32_ms": None if decision is None else decision.fp32_ms,
               "int8_cpu_ms": None if decision is None else decision.int8_cpu_ms,

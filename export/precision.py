@@ -57,7 +57,12 @@ FP32_OPS = ("Log", "Softmax")
 
 
 class PrecisionError(RuntimeError):
-    """A reduced-precision model disagrees with FP32 more than its bar allows."""
+    """A reduced-precision model disagrees with FP32 more than its bar allows; ``scores`` holds
+    the agreement per output that was measured (empty where no measurement was made)."""
+
+    def __init__(self, message: str, scores: Mapping[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.scores = dict(scores or {})
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -469,7 +474,7 @@ def check_variant(fp32_path: str | os.PathLike[str], variant_path: str | os.Path
     if low:
         raise PrecisionError(f"{variant_path}: top-1 agreement with FP32 below "
                              f"{BARS[precision]:.1%}: "
-                             + ", ".join(f"{n} {v:.2%}" for n, v in low.items()))
+                             + ", ".join(f"{n} {v:.2%}" for n, v in low.items()), scores)
     return scores
 
 

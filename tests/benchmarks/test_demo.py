@@ -197,3 +197,27 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     assert code == 0 and third.count(": done earlier") == 6
     for title in ("bundle (s): done in", "soundscape (s): done in", "final table: done in"):
         assert title in third
+
+    # an INT8 model below its agreement bar (forced here) is left out and reported; the run
+    # goes on to the bundle, the analysis and the table with FP32 and FP16
+    import export.precision
+
+    monkeypatch.setitem(export.precision.BARS, "int8", 1.01)
+    (out / "stages" / "06-export-s.json").unlink()
+    code, fourth = _main(["--quick", "--out", str(out)], capsys)
+    assert code == 0 and fourth.count(": done earlier") == 5
+    assert "dropped model.int8.onnx: " in fourth
+    last = json.loads(fourth.strip().splitlines()[-1])
+    assert [m["model"] for m in last["models"]] == ["teacher", "demo-s fp32", "demo-s fp16"]
+    # both INT8 forms: the QDQ model (TensorRT, CUDA) and the CPU one, each checked
+    assert [(r["bundle"], r["file"], r["bar"]) for r in last["rejected"]] == [
+        ("demo-s", "model.int8.onnx", 1.01), ("demo-s", "model.int8cpu.onnx", 1.01)]
+    rejected = last["rejected"][0]
+    assert set(rejected["agreement"]) == {f"{t}_logits" for t in
+                                          ("calltype", "count", "detection", "lifestage",
+                                           "species")}
+    assert not (out / "bundles" / "s" / "model.int8.onnx").exists()
+    assert verify_bundle(out / "bundles" / "s") == []
+    report = (out / "report.md").read_text()
+    assert "| demo-s int8 |" not in report
+    assert "## Variants left out" in report and "demo-s: model.int8.onnx (int8, bar 101.0%)" in report

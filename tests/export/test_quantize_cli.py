@@ -126,3 +126,48 @@ def test_update_report_drops_models_and_refuses_a_file_added_and_dropped(tmp_pat
     assert list(_backends(tmp_path)) == ["model.onnx"]
     with pytest.raises(ValueError, match="both added and dropped"):
         update_report(tmp_path, models=[model_entry(INT8_CPU, "int8", "conv")], drop=[INT8_CPU])
+
+
+def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
+        folder: Path, manifest: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import export.precision
+    from export.precision import PrecisionError
+
+    args = ["export", "quantize", str(folder), str(manifest), "--calibration-clips", "8",
+            "--int8-cpu", "always"]
+    monkeypatch.setitem(export.precision.BARS, "int8", 1.01)  # no model can reach it
+    with pytest.raises(PrecisionError, match=r"model.int8.onnx: top-1 agreement with FP32 "
+                                             r"below 101.0%: species_logits.*"
+                                             r"`--on-fail drop` leaves the variant out"):
+        main(args)
+    capsys.readouterr()
+    assert main([*args, "--on-fail", "drop"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped model.int8.onnx: " in out and f"dropped {INT8_CPU}: " in out
+    assert not (folder / "model.int8.onnx").exists() and not (folder / INT8_CPU).exists()
+    assert _backends(folder) == {"model.onnx": ["cpu", "cuda", "tensorrt"],
+                                 "model.fp16.onnx": ["cpu", "cuda", "tensorrt"]}
+    report = read_report(folder)
+    assert set(report["agreement_fp32"]) == {"fp16"}
+    assert set(report["rejected"]) == {"model.int8.onnx", INT8_CPU}
+    record = report["rejected"]["model.int8.onnx"]
+    assert (record["precision"], record["bar"]) == ("int8", 1.01)
+    assert set(record["agreement"]) == {"species_logits", "detection_logits"}
+    assert all(0.0 <= v <= 1.0 for v in record["agreement"].values())
+    assert record["reason"].startswith(str(folder / "model.int8.onnx"))
+    assert report["int8_cpu"]["kept"] is False
+
+    # an FP16-only rerun keeps the INT8 record; an INT8 rerun that passes clears it
+    assert main([*args, "--on-fail", "drop", "--precisions", "fp16"]) == 0
+    assert set(read_report(folder)["rejected"]) == {"model.int8.onnx", INT8_CPU}
+    monkeypatch.setitem(export.precision.BARS, "int8", 0.0)
+    assert main([*args, "--on-fail", "drop", "--precisions", "int8"]) == 0
+    report = read_report(folder)
+    assert report["rejected"] == {}
+    assert _backends(folder)["model.int8.onnx"] == ["cuda", "tensorrt"]
+    assert _backends(folder)[INT8_CPU] == ["cpu"]
+    with pytest.raises(ValueError, match="unknown on_fail 'skip'"):
+        from export.cli import quantize
+
+        quantize(folder, manifest, on_fail="skip")  # type: ignore[arg-type]
