@@ -1,4 +1,5 @@
-"""`naturelm-edge export onnx | quantize | compare | engine | bundle`: typed functions.
+"""`naturelm-edge export onnx | quantize | sensitivity | compare | engine | bundle`: typed
+functions.
 
 The usual order, on the workstation and then on the device::
 
@@ -173,6 +174,40 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     return 0
 
 
+def sensitivity(export_dir: Path, manifest: Path, calibration_split: str = "train",
+                heldout_splits: Sequence[str] = ("test", "valid"), calibration_clips: int = 128,
+                heldout_clips: int = 512) -> int:
+    """Quantize each Conv / Gemm / MatMul alone to INT8 and measure it against FP32 (as
+    ``polygraphy debug precision`` does for TensorRT): the layers to keep in float when the
+    INT8 model misses its bar. Prints a table, most sensitive first, and records it in
+    export.json under ``int8_sensitivity`` with the least sensitive nodes that hold the bar
+    together and their share of the MACs.
+
+    Args:
+        export_dir: the folder `export onnx` wrote.
+        manifest: corpus manifest (JSONL / CSV) with real audio.
+        calibration_split: split whose clips calibrate INT8.
+        heldout_splits: splits whose clips measure agreement.
+        calibration_clips: most clips used for calibration.
+        heldout_clips: most clips used for the agreement check.
+    """
+    from export.bundle import update_report
+    from export.precision import BARS, manifest_clips
+    from export.sensitivity import format_sensitivity, int8_sensitivity, largest_passing_set
+
+    spec = _spec(export_dir)
+    fp32 = export_dir / MODEL
+    heldout = manifest_clips(manifest, spec, heldout_splits, heldout_clips)
+    calib = manifest_clips(manifest, spec, (calibration_split,), calibration_clips)
+    rows = int8_sensitivity(fp32, calib, heldout, spec, progress=True)
+    passing = largest_passing_set(fp32, rows, calib, heldout, spec)
+    print(format_sensitivity(rows, passing, BARS["int8"]))
+    update_report(export_dir, int8_sensitivity={
+        "bar": BARS["int8"], "heldout_clips": len(heldout), "calibration_clips": len(calib),
+        "nodes": [r.to_dict() for r in rows], "passing": passing.to_dict()})
+    return 0
+
+
 def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: ExportSpec,
           on_fail: str, rejected: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     """``variant``'s agreement with FP32 per task, or None when it is below its bar and
@@ -183,14 +218,16 @@ def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: 
         return check_variant(fp32, variant, precision, heldout, spec)
     except PrecisionError as error:
         if on_fail != "drop":
-            raise _with_hint(error) from error
+            raise _with_hint(error, precision) from error
         _reject(variant, precision, BARS[precision], error, rejected)
         return None
 
 
-def _with_hint(error: PrecisionError) -> PrecisionError:
-    """The same failure, telling the user how to go on without the variant."""
-    return type(error)(f"{error} (`--on-fail drop` leaves the variant out and goes on)",
+def _with_hint(error: PrecisionError, precision: str) -> PrecisionError:
+    """The same failure, telling the user how to go on without the variant (and, for INT8,
+    how to find the layers that cost the agreement)."""
+    more = "; `export sensitivity` ranks the layers by it" if precision == "int8" else ""
+    return type(error)(f"{error} (`--on-fail drop` leaves the variant out and goes on{more})",
                        error.scores)
 
 
@@ -218,7 +255,7 @@ def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: Ex
                                         heldout, spec, mode, threads)
     except PrecisionError as error:
         if on_fail != "drop" or rejected is None:
-            raise _with_hint(error) from error
+            raise _with_hint(error, "int8") from error
         _reject(export_dir / INT8_CPU, "int8", BARS["int8"], error, rejected)
         return None, {"mode": mode, "kept": False, "threads": threads, "fp32_ms": None,
                       "int8_cpu_ms": None, "agreement": error.scores}

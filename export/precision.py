@@ -253,8 +253,10 @@ class ClipReader:
 
 
 def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
-            calibration: np.ndarray, batch: int = 8) -> Path:
-    """Write the static INT8 QDQ variant calibrated on ``calibration`` clips ``[N, samples]``."""
+            calibration: np.ndarray, batch: int = 8, nodes: Sequence[str] | None = None) -> Path:
+    """Write the static INT8 QDQ variant calibrated on ``calibration`` clips ``[N, samples]``;
+    ``nodes`` (names after `_name_nodes`) limits quantization to those nodes (default: every
+    node outside the front end)."""
     import tempfile
 
     from onnxruntime.quantization import (
@@ -265,6 +267,8 @@ def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
         quantize_static,
     )
 
+    if nodes is not None and not nodes:
+        raise ValueError("no nodes to quantize (onnxruntime would read an empty list as all)")
     model = _load(model_path)
     excluded = frontend_nodes(model)
     path = Path(out)
@@ -278,6 +282,7 @@ def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                        nodes_to_quantize=None if nodes is None else list(nodes),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         return _save(_load(quant), path, "int8")
 

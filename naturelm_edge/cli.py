@@ -64,6 +64,9 @@ COMMANDS: dict[str, Command] = {
                            summary="student checkpoint to ONNX, checked against torch"),
     "export quantize": Command("export.cli:quantize", extra="export",
                                summary="FP16 and INT8 variants, checked against FP32"),
+    "export sensitivity": Command("export.cli:sensitivity", extra="export",
+                                  summary="each layer alone in INT8 against FP32: what to keep "
+                                          "in float"),
     "export compare": Command("export.cli:compare", extra="export",
                               summary="torch vs ONNX Runtime FP32/FP16/INT8 (vs TensorRT)"),
     "export engine": Command("export.cli:engine", extra="trt",
