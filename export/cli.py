@@ -102,10 +102,10 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     kept, it is the INT8 model listed for the cpu backend and the QDQ model is listed for cuda
     and tensorrt only; otherwise the QDQ model serves every backend.
 
-    A variant below its agreement bar (FP16 99.5 %, INT8 99 % top-1 per task) stops the
-    command with `PrecisionError`, or with ``--on-fail drop`` is deleted, left out of the
-    models and recorded under ``rejected`` in export.json (its agreement, bar and reason), so
-    the bundle ships only the variants that passed.
+    A variant below its agreement bar (FP16 99.5 %, INT8 99 % top-1 per task) is deleted, left
+    out of the models and recorded under ``rejected`` in export.json (its agreement, bar and
+    reason), so no bundle ships it; then the command stops with `PrecisionError`, or with
+    ``--on-fail drop`` goes on with the other variants.
 
     Args:
         export_dir: the folder `export onnx` wrote.
@@ -120,7 +120,7 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         on_fail: a variant below its bar: error (stop) or drop (delete it, record why, go on).
     """
     from export.bundle import model_entry, read_report, update_report
-    from export.precision import manifest_clips, to_fp16, to_int8
+    from export.precision import PrecisionError, manifest_clips, to_fp16, to_int8
 
     unknown = sorted(set(precisions) - {"fp16", "int8"})
     if unknown:
@@ -148,22 +148,25 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
             to_int8(fp32, out, calib)
             fields["calibration"] = {"manifest": str(manifest), "split": calibration_split,
                                      "clips": len(calib)}
-        passed = _gate(fp32, out, precision, heldout, spec, on_fail, rejected)
+        passed = _gate(fp32, out, precision, heldout, spec, rejected)
         if passed is None:
             drop.append(out.name)
+            if on_fail == "error":
+                break
         else:
             scores[precision] = passed
         if precision == "fp16":
             models += [] if passed is None else [model_entry(out.name, precision, "conv")]
             continue
         cpu_entry, fields["int8_cpu"] = _int8_cpu(export_dir, calib, heldout, spec, int8_cpu,
-                                                  threads, on_fail, rejected)
+                                                  threads, rejected)
         if cpu_entry is None:
             drop.append(INT8_CPU)
         if passed is not None:
             backends = ("cuda", "tensorrt") if cpu_entry else ("cpu", "cuda", "tensorrt")
             models.append(model_entry(out.name, precision, "conv", backends))
         models += [cpu_entry] if cpu_entry else []
+    failed = dict(rejected)
     earlier = read_report(export_dir).get("rejected", {})
     rejected = {**{f: r for f, r in earlier.items() if r["precision"] not in precisions},
                 **rejected}
@@ -171,6 +174,11 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
                   rejected=rejected,
                   heldout={"manifest": str(manifest), "splits": list(heldout_splits),
                            "clips": len(heldout)}, **fields)
+    if failed and on_fail == "error":
+        file, record = next(iter(failed.items()))
+        more = "; `export sensitivity` ranks the layers by it" if record["precision"] == "int8" else ""
+        raise PrecisionError(f"{record['reason']} (deleted; `--on-fail drop` leaves the variant "
+                             f"out and goes on{more})", record["agreement"])
     return 0
 
 
@@ -209,26 +217,16 @@ def sensitivity(export_dir: Path, manifest: Path, calibration_split: str = "trai
 
 
 def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: ExportSpec,
-          on_fail: str, rejected: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    """``variant``'s agreement with FP32 per task, or None when it is below its bar and
-    ``on_fail`` is drop: the file is deleted and the failure recorded in ``rejected``."""
+          rejected: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """``variant``'s agreement with FP32 per task, or None when it is below its bar: then the
+    file is deleted and the failure recorded in ``rejected``."""
     from export.precision import BARS, PrecisionError, check_variant
 
     try:
         return check_variant(fp32, variant, precision, heldout, spec)
     except PrecisionError as error:
-        if on_fail != "drop":
-            raise _with_hint(error, precision) from error
         _reject(variant, precision, BARS[precision], error, rejected)
         return None
-
-
-def _with_hint(error: PrecisionError, precision: str) -> PrecisionError:
-    """The same failure, telling the user how to go on without the variant (and, for INT8,
-    how to find the layers that cost the agreement)."""
-    more = "; `export sensitivity` ranks the layers by it" if precision == "int8" else ""
-    return type(error)(f"{error} (`--on-fail drop` leaves the variant out and goes on{more})",
-                       error.scores)
 
 
 def _reject(variant: Path, precision: str, bar: float, error: PrecisionError,
@@ -241,12 +239,11 @@ def _reject(variant: Path, precision: str, bar: float, error: PrecisionError,
 
 
 def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: ExportSpec,
-              mode: str, threads: int, on_fail: str = "error",
-              rejected: dict[str, dict[str, Any]] | None = None) -> tuple[dict | None, dict]:
+              mode: str, threads: int, rejected: dict[str, dict[str, Any]],
+              ) -> tuple[dict | None, dict]:
     """Write (or not) the CPU INT8 variant; returns its model entry (None when not kept: a
     stale file from an earlier run is removed) and the decision recorded in export.json.
-    Below the INT8 bar it raises, or with ``on_fail`` drop is removed and recorded in
-    ``rejected``."""
+    Below the INT8 bar it is removed and recorded in ``rejected``."""
     from export.bundle import model_entry
     from export.precision import BARS, PrecisionError, maybe_int8_cpu
 
@@ -254,8 +251,6 @@ def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: Ex
         path, decision = maybe_int8_cpu(export_dir / MODEL, export_dir / INT8_CPU, calib,
                                         heldout, spec, mode, threads)
     except PrecisionError as error:
-        if on_fail != "drop" or rejected is None:
-            raise _with_hint(error, "int8") from error
         _reject(export_dir / INT8_CPU, "int8", BARS["int8"], error, rejected)
         return None, {"mode": mode, "kept": False, "threads": threads, "fp32_ms": None,
                       "int8_cpu_ms": None, "agreement": error.scores}

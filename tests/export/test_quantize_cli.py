@@ -136,6 +136,8 @@ def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
 
     args = ["export", "quantize", str(folder), str(manifest), "--calibration-clips", "8",
             "--int8-cpu", "always"]
+    assert main(args) == 0  # passes: listed
+    assert _backends(folder)["model.int8.onnx"] == ["cuda", "tensorrt"]
     monkeypatch.setitem(export.precision.BARS, "int8", 1.01)  # no model can reach it
     with pytest.raises(PrecisionError, match=r"model.int8.onnx: top-1 agreement with FP32 "
                                              r"below 101.0%: species_logits.*"
@@ -143,6 +145,10 @@ def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
                                              r"`export sensitivity` ranks the layers"):
         main(args)
     capsys.readouterr()
+    # stopped, but no bundle can pick up the refused model: deleted, dropped and recorded
+    assert not (folder / "model.int8.onnx").exists()
+    assert "model.int8.onnx" not in _backends(folder)
+    assert set(read_report(folder)["rejected"]) == {"model.int8.onnx"}
     assert main([*args, "--on-fail", "drop"]) == 0
     out = capsys.readouterr().out
     assert "dropped model.int8.onnx: " in out and f"dropped {INT8_CPU}: " in out
