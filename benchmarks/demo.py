@@ -511,8 +511,17 @@ def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any
                                            ("task", "precision", "recall", "detections",
                                             "calls", "x_real_time", "skipped")}}
              for size, a in analyses.items()]
-    rejected = [{"bundle": f"demo-{size}", "file": file, **r}
-                for size, e in exports.items() for file, r in e.get("rejected", {}).items()]
+    fp32 = {(r["model"], r["task"]): r["score"] for r in result["rows"]}
+    rejected = []
+    for size, e in exports.items():
+        for file, r in e.get("rejected", {}).items():
+            kept = Path(e["export"]) / r["file"] if r.get("file") else None
+            scores = (score_model_file(kept, Path(bundles[size]["bundle"]),
+                                       Path(corpus["manifest"]))
+                      if kept is not None and kept.is_file() else {})
+            rejected.append({"bundle": f"demo-{size}", **r, "file": file, "accuracy": scores,
+                             "fp32_accuracy": {t: fp32.get((f"demo-{size} fp32", t))
+                                               for t in scores}})
     markdown = render_report(table, sound, result["context"], rejected)
     from runtime.files import atomic_write_text
 
@@ -522,6 +531,22 @@ def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any
     _write_json(o.out / "report.json", payload)
     return {"report": str(o.out / "report.md"), "json": str(o.out / "report.json"),
             **payload}
+
+
+def score_model_file(model: Path, bundle: Path, manifest: Path, split: str = "test",
+                     ) -> dict[str, float]:
+    """The headline score per task (accuracy, or macro-F1 for detection) of an ONNX model
+    that is not in ``bundle`` but has its inputs and outputs (a variant refused by its
+    agreement gate), on the manifest's ``split`` clips."""
+    from benchmarks.accuracy import load_heldout, model_rows, run_model
+    from runtime.bundle import load_bundle
+
+    manifest_of = load_bundle(bundle).manifest
+    tasks = manifest_of.tasks
+    held = load_heldout(manifest, split, manifest_of.sample_rate, manifest_of.window_s,
+                        {t.name: t.labels for t in tasks})
+    rows = model_rows(model.name, run_model(model, held.audio), held, tasks, None)
+    return {r["task"]: r["score"] for r in rows}
 
 
 def final_table(models: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
@@ -557,10 +582,17 @@ def render_report(table: Sequence[Mapping[str, Any]], soundscape: Sequence[Mappi
         "## Long soundscape: detections against the Raven ground truth (within one window)", "",
         markdown_table(soundscape, floatfmt=".3f")]
     if rejected:
-        lines += ["", "## Variants left out: below their top-1 agreement bar with FP32", ""]
+        lines += ["", "## Variants left out: below their top-1 agreement bar with FP32", "",
+                  "Agreement with FP32 on held-out clips; where measured, the refused model's "
+                  "score against the labels (test split, %) with FP32's in brackets.", ""]
         lines += [f"- {r['bundle']}: {r['file']} ({r['precision']}, bar {r['bar']:.1%}): "
                   + ", ".join(f"{task.removesuffix('_logits')} {value:.2%}"
                               for task, value in r["agreement"].items())
+                  + ("; against the labels: " + ", ".join(
+                      f"{task} {100 * v:.1f}"
+                      + ("" if r["fp32_accuracy"].get(task) is None
+                         else f" ({100 * r['fp32_accuracy'][task]:.1f})")
+                      for task, v in r["accuracy"].items()) if r.get("accuracy") else "")
                   for r in rejected]
     return "\n".join(lines)
 

@@ -20,7 +20,8 @@ Every stage records what it did in the export folder's ``export.json`` (`export.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 MODEL = "model.onnx"
 # ONNX Runtime CPU's INT8 form (QOperator U8S8); the QDQ model.int8.onnx is TensorRT's.
 INT8_CPU = "model.int8cpu.onnx"
+# Variants refused by their agreement gate are kept here, out of every bundle.
+REJECTED = "rejected"
 
 
 def _variant_file(precision: str) -> str:
@@ -102,10 +105,10 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     kept, it is the INT8 model listed for the cpu backend and the QDQ model is listed for cuda
     and tensorrt only; otherwise the QDQ model serves every backend.
 
-    A variant below its agreement bar (FP16 99.5 %, INT8 99 % top-1 per task) is deleted, left
-    out of the models and recorded under ``rejected`` in export.json (its agreement, bar and
-    reason), so no bundle ships it; then the command stops with `PrecisionError`, or with
-    ``--on-fail drop`` goes on with the other variants.
+    A variant below its agreement bar (FP16 99.5 %, INT8 99 % top-1 per task) is moved to
+    ``rejected/``, left out of the models and recorded under ``rejected`` in export.json (its
+    agreement, bar, reason and file), so no bundle ships it; then the command stops with
+    `PrecisionError`, or with ``--on-fail drop`` goes on with the other variants.
 
     Args:
         export_dir: the folder `export onnx` wrote.
@@ -170,6 +173,7 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     earlier = read_report(export_dir).get("rejected", {})
     rejected = {**{f: r for f, r in earlier.items() if r["precision"] not in precisions},
                 **rejected}
+    _clear_rejected(export_dir, rejected)
     update_report(export_dir, models=models, drop=drop, agreement_fp32=scores,
                   rejected=rejected,
                   heldout={"manifest": str(manifest), "splits": list(heldout_splits),
@@ -177,8 +181,8 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
     if failed and on_fail == "error":
         file, record = next(iter(failed.items()))
         more = "; `export sensitivity` ranks the layers by it" if record["precision"] == "int8" else ""
-        raise PrecisionError(f"{record['reason']} (deleted; `--on-fail drop` leaves the variant "
-                             f"out and goes on{more})", record["agreement"])
+        raise PrecisionError(f"{record['reason']} (moved to {record['file']}; `--on-fail drop` "
+                             f"leaves the variant out and goes on{more})", record["agreement"])
     return 0
 
 
@@ -231,11 +235,22 @@ def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: 
 
 def _reject(variant: Path, precision: str, bar: float, error: PrecisionError,
             rejected: dict[str, dict[str, Any]]) -> None:
-    """Delete a variant that failed its gate and record why under its file name."""
-    variant.unlink(missing_ok=True)
+    """Move a variant that failed its gate to ``rejected/`` beside it (kept for inspection,
+    never bundled) and record why under its file name."""
+    kept = variant.parent / REJECTED / variant.name
+    kept.parent.mkdir(exist_ok=True)
+    os.replace(variant, kept)
     rejected[variant.name] = {"precision": precision, "bar": bar, "agreement": error.scores,
-                              "reason": str(error)}
-    print(f"dropped {variant.name}: {error}")
+                              "reason": str(error), "file": f"{REJECTED}/{variant.name}"}
+    print(f"dropped {variant.name} (kept as {REJECTED}/{variant.name}): {error}")
+
+
+def _clear_rejected(export_dir: Path, rejected: Mapping[str, Any]) -> None:
+    """Remove the refused files of earlier runs that are no longer refused."""
+    folder = export_dir / REJECTED
+    for path in folder.glob("*.onnx") if folder.is_dir() else []:
+        if path.name not in rejected:
+            path.unlink()
 
 
 def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: ExportSpec,

@@ -206,7 +206,7 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     (out / "stages" / "06-export-s.json").unlink()
     code, fourth = _main(["--quick", "--out", str(out)], capsys)
     assert code == 0 and fourth.count(": done earlier") == 5
-    assert "dropped model.int8.onnx: " in fourth
+    assert "dropped model.int8.onnx (kept as rejected/model.int8.onnx): " in fourth
     last = json.loads(fourth.strip().splitlines()[-1])
     assert [m["model"] for m in last["models"]] == ["teacher", "demo-s fp32", "demo-s fp16"]
     # both INT8 forms: the QDQ model (TensorRT, CUDA) and the CPU one, each checked
@@ -216,8 +216,18 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     assert set(rejected["agreement"]) == {f"{t}_logits" for t in
                                           ("calltype", "count", "detection", "lifestage",
                                            "species")}
+    # kept aside for inspection and scored against the labels beside FP32
+    assert rejected["file"] == "model.int8.onnx"
+    assert (out / "export" / "s" / "rejected" / "model.int8.onnx").is_file()
+    tasks = {"calltype", "count", "detection", "lifestage", "species"}
+    assert set(rejected["accuracy"]) == tasks == set(rejected["fp32_accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in [*rejected["accuracy"].values(),
+                                         *rejected["fp32_accuracy"].values()])
+    fp32 = {m["model"]: m for m in last["models"]}["demo-s fp32"]
+    assert rejected["fp32_accuracy"]["species"] == fp32["species (acc)"]
     assert not (out / "bundles" / "s" / "model.int8.onnx").exists()
     assert verify_bundle(out / "bundles" / "s") == []
     report = (out / "report.md").read_text()
     assert "| demo-s int8 |" not in report
     assert "## Variants left out" in report and "demo-s: model.int8.onnx (int8, bar 101.0%)" in report
+    assert "; against the labels: calltype " in report

@@ -145,13 +145,15 @@ def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
                                              r"`export sensitivity` ranks the layers"):
         main(args)
     capsys.readouterr()
-    # stopped, but no bundle can pick up the refused model: deleted, dropped and recorded
+    # stopped, but no bundle can pick up the refused model: moved aside, dropped and recorded
     assert not (folder / "model.int8.onnx").exists()
+    assert (folder / "rejected" / "model.int8.onnx").is_file()
     assert "model.int8.onnx" not in _backends(folder)
     assert set(read_report(folder)["rejected"]) == {"model.int8.onnx"}
     assert main([*args, "--on-fail", "drop"]) == 0
     out = capsys.readouterr().out
-    assert "dropped model.int8.onnx: " in out and f"dropped {INT8_CPU}: " in out
+    assert "dropped model.int8.onnx (kept as rejected/model.int8.onnx): " in out
+    assert f"dropped {INT8_CPU} (kept as rejected/{INT8_CPU}): " in out
     assert not (folder / "model.int8.onnx").exists() and not (folder / INT8_CPU).exists()
     assert _backends(folder) == {"model.onnx": ["cpu", "cuda", "tensorrt"],
                                  "model.fp16.onnx": ["cpu", "cuda", "tensorrt"]}
@@ -163,6 +165,8 @@ def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
     assert set(record["agreement"]) == {"species_logits", "detection_logits"}
     assert all(0.0 <= v <= 1.0 for v in record["agreement"].values())
     assert record["reason"].startswith(str(folder / "model.int8.onnx"))
+    assert record["file"] == "rejected/model.int8.onnx"
+    assert {p.name for p in (folder / "rejected").iterdir()} == {INT8_CPU, "model.int8.onnx"}
     assert report["int8_cpu"]["kept"] is False
 
     # an FP16-only rerun keeps the INT8 record; an INT8 rerun that passes clears it
@@ -171,7 +175,7 @@ def test_a_variant_below_its_bar_stops_the_command_or_is_dropped_and_recorded(
     monkeypatch.setitem(export.precision.BARS, "int8", 0.0)
     assert main([*args, "--on-fail", "drop", "--precisions", "int8"]) == 0
     report = read_report(folder)
-    assert report["rejected"] == {}
+    assert report["rejected"] == {} and not list((folder / "rejected").iterdir())
     assert _backends(folder)["model.int8.onnx"] == ["cuda", "tensorrt"]
     assert _backends(folder)[INT8_CPU] == ["cpu"]
     with pytest.raises(ValueError, match="unknown on_fail 'skip'"):
