@@ -514,11 +514,12 @@ def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any
     fp32 = {(r["model"], r["task"]): r["score"] for r in result["rows"]}
     rejected = []
     for size, e in exports.items():
-        for file, r in e.get("rejected", {}).items():
-            kept = Path(e["export"]) / r["file"] if r.get("file") else None
-            scores = (score_model_file(kept, Path(bundles[size]["bundle"]),
-                                       Path(corpus["manifest"]))
-                      if kept is not None and kept.is_file() else {})
+        records = e.get("rejected", {})
+        kept = {f: Path(e["export"]) / r["file"] for f, r in records.items() if r.get("file")}
+        scored = score_model_files({f: p for f, p in kept.items() if p.is_file()},
+                                   Path(bundles[size]["bundle"]), Path(corpus["manifest"]))
+        for file, r in records.items():
+            scores = scored.get(file, {})
             rejected.append({"bundle": f"demo-{size}", **r, "file": file, "accuracy": scores,
                              "fp32_accuracy": {t: fp32.get((f"demo-{size} fp32", t))
                                                for t in scores}})
@@ -533,20 +534,23 @@ def stage_table(o: Options, corpus: Mapping[str, Any], teacher: Mapping[str, Any
             **payload}
 
 
-def score_model_file(model: Path, bundle: Path, manifest: Path, split: str = "test",
-                     ) -> dict[str, float]:
-    """The headline score per task (accuracy, or macro-F1 for detection) of an ONNX model
-    that is not in ``bundle`` but has its inputs and outputs (a variant refused by its
-    agreement gate), on the manifest's ``split`` clips."""
+def score_model_files(models: Mapping[str, Path], bundle: Path, manifest: Path,
+                      split: str = "test") -> dict[str, dict[str, float]]:
+    """The headline score per task (accuracy, or macro-F1 for detection) of ONNX models that
+    are not in ``bundle`` but have its inputs and outputs (variants refused by their
+    agreement gate), by name, on the manifest's ``split`` clips (read once for all)."""
     from benchmarks.accuracy import load_heldout, model_rows, run_model
     from runtime.bundle import load_bundle
 
+    if not models:
+        return {}
     manifest_of = load_bundle(bundle).manifest
     tasks = manifest_of.tasks
     held = load_heldout(manifest, split, manifest_of.sample_rate, manifest_of.window_s,
                         {t.name: t.labels for t in tasks})
-    rows = model_rows(model.name, run_model(model, held.audio), held, tasks, None)
-    return {r["task"]: r["score"] for r in rows}
+    return {name: {r["task"]: r["score"]
+                   for r in model_rows(name, run_model(path, held.audio), held, tasks, None)}
+            for name, path in models.items()}
 
 
 def final_table(models: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],

@@ -120,7 +120,8 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
         heldout_clips: most clips used for the agreement check.
         int8_cpu: the CPU INT8 variant: auto (kept when faster than FP32 here), always, never.
         threads: ONNX Runtime CPU threads for the CPU INT8 timing.
-        on_fail: a variant below its bar: error (stop) or drop (delete it, record why, go on).
+        on_fail: a variant below its bar: error (stop) or drop (go on without it); either way
+            it is moved to rejected/ and recorded.
     """
     from export.bundle import model_entry, read_report, update_report
     from export.precision import PrecisionError, manifest_clips, to_fp16, to_int8
@@ -179,7 +180,7 @@ def quantize(export_dir: Path, manifest: Path, precisions: Sequence[str] = ("fp1
                   heldout={"manifest": str(manifest), "splits": list(heldout_splits),
                            "clips": len(heldout)}, **fields)
     if failed and on_fail == "error":
-        file, record = next(iter(failed.items()))
+        record = next(iter(failed.values()))
         more = "; `export sensitivity` ranks the layers by it" if record["precision"] == "int8" else ""
         raise PrecisionError(f"{record['reason']} (moved to {record['file']}; `--on-fail drop` "
                              f"leaves the variant out and goes on{more})", record["agreement"])
@@ -223,7 +224,7 @@ def sensitivity(export_dir: Path, manifest: Path, calibration_split: str = "trai
 def _gate(fp32: Path, variant: Path, precision: str, heldout: np.ndarray, spec: ExportSpec,
           rejected: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     """``variant``'s agreement with FP32 per task, or None when it is below its bar: then the
-    file is deleted and the failure recorded in ``rejected``."""
+    file is moved to ``rejected/`` and the failure recorded in ``rejected``."""
     from export.precision import BARS, PrecisionError, check_variant
 
     try:
@@ -258,7 +259,7 @@ def _int8_cpu(export_dir: Path, calib: np.ndarray, heldout: np.ndarray, spec: Ex
               ) -> tuple[dict | None, dict]:
     """Write (or not) the CPU INT8 variant; returns its model entry (None when not kept: a
     stale file from an earlier run is removed) and the decision recorded in export.json.
-    Below the INT8 bar it is removed and recorded in ``rejected``."""
+    Below the INT8 bar it is moved to ``rejected/`` and recorded in ``rejected``."""
     from export.bundle import model_entry
     from export.precision import BARS, PrecisionError, maybe_int8_cpu
 

@@ -94,7 +94,8 @@ def frontend_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.name in found]
 
 
-def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+def load_named(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """An ONNX model with every node named (`_name_nodes`), as node lists refer to them."""
     import onnx
 
     model = onnx.load(str(path))
@@ -121,7 +122,7 @@ def to_fp16(model_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     """Write the FP16 variant (float32 I/O; front end, Log and Softmax in FP32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = _load(model_path)
+    model = load_named(model_path)
     source = copy.deepcopy(model)  # the converter rewrites its argument in place
     blocked = frontend_nodes(model)
     half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
@@ -269,7 +270,7 @@ def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
 
     if nodes is not None and not nodes:
         raise ValueError("no nodes to quantize (onnxruntime would read an empty list as all)")
-    model = _load(model_path)
+    model = load_named(model_path)
     excluded = frontend_nodes(model)
     path = Path(out)
     with tempfile.TemporaryDirectory(prefix="naturelm-int8-") as tmp:
@@ -284,7 +285,7 @@ def to_int8(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
                         nodes_to_quantize=None if nodes is None else list(nodes),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-        return _save(_load(quant), path, "int8")
+        return _save(load_named(quant), path, "int8")
 
 
 CONV_KINDS = ("stem", "depthwise", "pointwise", "squeeze", "dense")
@@ -337,7 +338,7 @@ def to_int8_cpu(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
     unknown = sorted(set(kinds) - set(CONV_KINDS))
     if unknown:
         raise ValueError(f"unknown conv kinds {unknown}; known: {list(CONV_KINDS)}")
-    model = _load(model_path)
+    model = load_named(model_path)
     with tempfile.TemporaryDirectory(prefix="naturelm-int8cpu-") as tmp:
         named, prepped, quant = (Path(tmp) / f for f in ("named.onnx", "prep.onnx", "q.onnx"))
         _save(model, named, "fp32")
@@ -360,7 +361,7 @@ def to_int8_cpu(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
         form = {"format": "qoperator", "activations": "uint8", "weights": "int8 per-channel",
                 "conv_kinds": list(kinds), "min_channels": min_channels,
                 "quantized_convs": len(chosen)}
-        return _save(_load(quant), out, "int8", quantization=form)
+        return _save(load_named(quant), out, "int8", quantization=form)
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,10 @@ def int8_sensitivity(fp32_path: str | os.PathLike[str], calibration: np.ndarray,
                      ) -> list[NodeSensitivity]:
     """Every Conv / Gemm / MatMul outside the front end quantized alone, in graph order."""
     from export.onnx_export import run_onnx
-    from export.precision import _load, conv_kinds, task_outputs
+    from export.precision import conv_kinds, load_named, task_outputs
 
     fp32 = Path(fp32_path)
-    model = _load(fp32)
+    model = load_named(fp32)
     macs, kinds = node_macs(model), conv_kinds(model)
     ops = {n.name: n.op_type for n in model.graph.node}
     outputs = task_outputs(spec)

@@ -13,7 +13,7 @@ import pytest
 
 import export.precision
 from export.bundle import read_report
-from export.precision import _load, conv_kinds, frontend_nodes
+from export.precision import conv_kinds, frontend_nodes, load_named
 from export.sensitivity import by_sensitivity, node_macs
 from naturelm_edge.cli import main
 
@@ -28,7 +28,7 @@ def folder(tmp_path: Path, export_dir: Path) -> Path:
 
 
 def test_macs_cover_every_conv_and_gemm_outside_the_front_end(export_dir: Path) -> None:
-    model = _load(export_dir / "model.onnx")
+    model = load_named(export_dir / "model.onnx")
     macs = node_macs(model)
     front = set(frontend_nodes(model))
     want = {n.name for n in model.graph.node
@@ -51,7 +51,7 @@ def test_cli_measures_each_node_and_records_the_passing_set(
     text = capsys.readouterr().out
     record = read_report(folder)["int8_sensitivity"]
     nodes = record["nodes"]
-    assert [n["node"] for n in nodes] == list(node_macs(_load(folder / "model.onnx")))
+    assert [n["node"] for n in nodes] == list(node_macs(load_named(folder / "model.onnx")))
     assert record["heldout_clips"] == 16 and record["calibration_clips"] == 8
     for n in nodes:
         assert set(n["agreement"]) == {"species_logits", "detection_logits"}
