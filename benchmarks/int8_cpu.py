@@ -160,8 +160,8 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
     from export.precision import (
         CONV_KINDS,
         CPU_INT8_MIN_CHANNELS,
-        _load,
         conv_kinds,
+        load_named,
         to_int8,
         to_int8_cpu,
     )
@@ -181,7 +181,7 @@ def run(size: str = "s", window_s: float = 10.0, batch_sizes: Sequence[int] = (1
         forms["int8 cpu pointwise"] = (tmp / "cpu_pw.onnx", "QOperator u8s8", "pointwise")
         to_int8_cpu(fp32, tmp / "cpu_all.onnx", calib, kinds=CONV_KINDS, min_channels=0)
         forms["int8 cpu all convs"] = (tmp / "cpu_all.onnx", "QOperator u8s8", "all")
-        kinds = conv_kinds(_load(fp32))
+        kinds = conv_kinds(load_named(fp32))
         bodies = {name: split_at_frontend(path, tmp / "split")
                   for name, (path, _, _) in forms.items()}
         front, _, feature = bodies["fp32"]
