@@ -13,6 +13,7 @@ from runtime.audio import read_audio
 from teacher.fbank import (
     BEATS_FBANK_MEAN,
     BEATS_FBANK_STD,
+    FRAMES_PER_PASS,
     FbankConfig,
     KaldiFbank,
     beats_fbank,
@@ -97,6 +98,20 @@ def test_batched_equals_one_by_one(birds_16k: np.ndarray) -> None:
         torch.testing.assert_close(batched[i], fbank(clips[i]).squeeze(0), atol=1e-5, rtol=0)
     assert not torch.allclose(batched[0], batched[1])
 
+
+def test_batch_split_into_passes_is_exact(birds_16k: np.ndarray) -> None:
+    # 5 s rows: 498 frames at 10 ms, so a pass of FRAMES_PER_PASS (2048) takes 4 rows and a
+    # batch of 9 runs in 3 passes; each pass must give what one pass over the batch gives.
+    cfg = FbankConfig()
+    assert FRAMES_PER_PASS // num_frames(80000, cfg) == 4
+    clips = torch.from_numpy(np.stack(
+        [np.roll(birds_16k[:80000], 1601 * i) for i in range(9)])) * 2**15
+    layer = KaldiFbank(cfg)
+    split = layer(clips)
+    whole = layer._log_mel(clips)
+    assert split.shape == (9, 498, 128)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)  # equal here, bit for bit
+    assert not torch.equal(split[0], split[4])
 
 def test_beats_scaling_and_silence(birds_16k: np.ndarray) -> None:
     wave = torch.from_numpy(birds_16k[:32000])[None]
