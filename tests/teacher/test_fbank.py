@@ -113,6 +113,7 @@ def test_batch_split_into_passes_is_exact(birds_16k: np.ndarray) -> None:
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)  # equal here, bit for bit
     assert not torch.equal(split[0], split[4])
 
+
 def test_beats_scaling_and_silence(birds_16k: np.ndarray) -> None:
     wave = torch.from_numpy(birds_16k[:32000])[None]
     expected = (fbank(wave * 2**15) - BEATS_FBANK_MEAN) / (2 * BEATS_FBANK_STD)
