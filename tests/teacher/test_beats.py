@@ -382,6 +382,29 @@ def test_avex_encoder_parity(
     assert got.shape == (2, 248, cfg.encoder_embed_dim)
     assert diff < 1e-5 and masked_diff < 1e-5
     assert torch.equal(expected_mask, got_mask) and got_mask[1].any()
+    trained, _ = ours(wave, pad)  # gradients on: the CPU math path, not SDPA
+    assert trained.requires_grad and _max_diff(expected_masked, trained.detach()) < 1e-5
+
+
+def test_attention_math_equals_sdpa_with_gradients() -> None:
+    from teacher.beats import _attention_math
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(2, 4, 37, 37, dtype=torch.float64)
+    bias[1, :, :, 30:] = torch.finfo(torch.float64).min  # padded keys, as the module masks
+    bias.requires_grad_(True)
+    inputs = (q, k, v, bias)
+    ours = _attention_math(q, k, v, bias, 0.0)
+    grads = torch.autograd.grad(ours.square().sum(), inputs)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+    torch.testing.assert_close(ours, ref)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    unbiased = _attention_math(q, k, v, None, 0.0)
+    torch.testing.assert_close(unbiased, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_avex_relative_buckets(avex_beats: types.ModuleType) -> None:
