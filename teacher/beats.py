@@ -1,9 +1,11 @@
 """BEATs audio encoder (Chen et al. 2022, arXiv 2212.09058), the encoder of NatureLM-audio.
 
 Waveform at 16 kHz -> Kaldi 128-bin log-mel fbank (:mod:`teacher.fbank`) -> 16 x 16 patch
-embedding -> LayerNorm -> ``post_extract_proj`` -> transformer encoder (convolutional
-position embedding, bucketed relative position bias shared by all layers and gated per
-query by ``grep_linear`` / ``grep_a``, post-norm with DeepNorm residual scaling).
+embedding (or, off the official architecture, a convolutional stem onto the same patch grid:
+``BEATsConfig.conv_stem``, what the `tiny` teacher uses) -> LayerNorm -> ``post_extract_proj``
+-> transformer encoder (convolutional position embedding, bucketed relative position bias
+shared by all layers and gated per query by ``grep_linear`` / ``grep_a``, post-norm with
+DeepNorm residual scaling).
 Parameter names follow the official BEATs checkpoints, so a user's
 ``BEATs_iter3_plus_AS2M*.pt`` loads with :func:`load_beats` and no missing keys.
 
@@ -42,8 +44,14 @@ ACTIVATIONS = ("gelu", "gelu_accurate", "relu", "tanh", "linear")
 class BEATsConfig:
     """BEATs architecture; field names and meanings are those of the official ``BEATsConfig``.
 
-    The last five fields are not in the official config (it hard-codes them): the sample
-    rate, the mel bins and hop of the fbank and its normalisation constants.
+    The last six fields are not in the official config (it hard-codes them or has no such
+    option): the sample rate, the mel bins and hop of the fbank, its normalisation constants,
+    and ``conv_stem``: empty (the official 16 x 16 patch embedding, one linear map per patch)
+    or the channels of stride-2, 4 x 4 convolutions (each followed by GELU) that take the
+    fbank down to the patch grid, then a 1 x 1 ``patch_embedding`` into ``embed_dim``: the
+    same tokens in the same order, seen through overlapping, nonlinear filters ("early
+    convolutions help transformers see better", Xiao et al. 2021). Their number fixes the
+    stride, which must equal ``input_patch_size``.
     """
 
     input_patch_size: int = 16
@@ -76,10 +84,18 @@ class BEATsConfig:
     frame_shift_ms: float = 10.0
     fbank_mean: float = BEATS_FBANK_MEAN
     fbank_std: float = BEATS_FBANK_STD
+    conv_stem: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.input_patch_size <= 0:
             raise ValueError(f"input_patch_size must be positive, got {self.input_patch_size}")
+        if self.conv_stem and (2 ** len(self.conv_stem) != self.input_patch_size
+                               or min(self.conv_stem) < 1):
+            raise ValueError(
+                f"conv_stem {list(self.conv_stem)}: {len(self.conv_stem)} stride-2 layers "
+                f"make patches of {2 ** len(self.conv_stem)}, not input_patch_size "
+                f"{self.input_patch_size} (or a channel count is below 1)"
+            )
         if self.frame_shift_ms <= 0:
             raise ValueError(f"frame_shift_ms must be positive, got {self.frame_shift_ms}")
         if self.num_mel_bins % self.input_patch_size:
@@ -125,6 +141,7 @@ class BEATsConfig:
                 stacklevel=2,
             )
         values = {**_OFFICIAL_DEFAULTS, **{k: v for k, v in cfg.items() if k in known}}
+        values["conv_stem"] = tuple(values.get("conv_stem", ()))
         return cls(**values)
 
 
@@ -345,9 +362,9 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     Used where gradients flow on the CPU: there PyTorch's SDPA takes its math path with a
     "safe" softmax (checks for rows of -inf, which this module never makes: padding is the
     dtype's minimum), and its backward is slow; measured on the `tiny` preset's encoder
-    pretraining step (16 clips, 248 tokens, one thread, a busy 2-core machine): 562 -> 352 ms
-    (fastest of six), outputs equal to
-    4e-8. Inference and CUDA keep SDPA (its fused kernels)."""
+    pretraining step (16 clips, 248 tokens, one thread, a busy 2-core machine, fastest of
+    six): 562 -> 352 ms, outputs equal to 4e-8. Inference and CUDA keep SDPA (its fused
+    kernels)."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if bias is not None:
         scores = scores + bias
@@ -473,9 +490,22 @@ class BEATs(nn.Module):
             FbankConfig(sample_rate=cfg.sample_rate, num_mel_bins=cfg.num_mel_bins,
                         frame_shift_ms=cfg.frame_shift_ms)
         )
-        self.patch_embedding = nn.Conv2d(
-            1, cfg.embed_dim, cfg.input_patch_size, stride=cfg.input_patch_size, bias=cfg.conv_bias
-        )
+        self.conv_stem: nn.Sequential | None = None
+        if cfg.conv_stem:
+            layers: list[nn.Module] = []
+            for c_in, c_out in zip((1, *cfg.conv_stem[:-1]), cfg.conv_stem, strict=True):
+                layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.GELU()]
+                # Zero biases: with PyTorch's default ones the four layers' constant offsets
+                # swamp the input at init (tokens of different clips 2% apart, 28% here).
+                nn.init.zeros_(layers[-2].bias)
+            self.conv_stem = nn.Sequential(*layers)
+            self.patch_embedding = nn.Conv2d(cfg.conv_stem[-1], cfg.embed_dim, 1,
+                                             bias=cfg.conv_bias)
+        else:
+            self.patch_embedding = nn.Conv2d(
+                1, cfg.embed_dim, cfg.input_patch_size, stride=cfg.input_patch_size,
+                bias=cfg.conv_bias
+            )
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         self.post_extract_proj: nn.Linear | None = None
         if cfg.embed_dim != cfg.encoder_embed_dim:
@@ -541,7 +571,10 @@ class BEATs(nn.Module):
         """The encoder from a normalised fbank ``[B, frames, mel]`` (`preprocess`'s output),
         with an optional ``[B, frames]`` padding mask: what `forward` runs after `preprocess`,
         so a fixed fbank can be computed once and reused (encoder pretraining caches it)."""
-        patches = self.patch_embedding(feats.unsqueeze(1).to(self.patch_embedding.weight.dtype))
+        grid = feats.unsqueeze(1).to(self.patch_embedding.weight.dtype)
+        if self.conv_stem is not None:
+            grid = self.conv_stem(grid)
+        patches = self.patch_embedding(grid)
         tokens = self.layer_norm(patches.flatten(2).transpose(1, 2))
         if mask is not None:
             mask = self._downsample_mask(mask, tokens.shape[1])

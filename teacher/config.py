@@ -212,8 +212,14 @@ def _tiny() -> TeacherConfig:
         # ~16 minutes each: 10 ms, 40 epochs 80.5% (the buzz pair 64.0%); 5 ms, 16 epochs
         # 82.8% (70.7%). A 5 ms fbank with 32-frame patches (still 124 tokens) gave nothing
         # (76.0% vs 76.2% at 16 epochs): the encoder needs the finer steps, not finer frames.
+        # A convolutional stem (four stride-2 4 x 4 convs, 8-16-32-64 channels, then the 1 x 1
+        # patch embedding; `BEATsConfig.conv_stem`) instead of the linear 16 x 16 patches: the
+        # same 248 tokens, pretraining probe 85.1% -> 88.9% held-out species (life stage
+        # 97.3%, call type 96.8%, count 78.5%), the teacher 89.1% -> 90.5%; 2x the time per
+        # pretraining step (0.27 s against 0.14 s for 16 clips at two threads).
         encoder=beats_config("tiny", encoder_embed_dim=128, encoder_ffn_embed_dim=256,
-                             conv_pos=16, num_mel_bins=32, frame_shift_ms=5.0),
+                             conv_pos=16, num_mel_bins=32, frame_shift_ms=5.0,
+                             conv_stem=(8, 16, 32, 64)),
         qformer=QFormerConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                               pad_last_window=True, dropout=0.0, initializer_range=0.15),
         llm=LLMConfig(path=None, vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,

@@ -67,7 +67,7 @@ def avex_beats() -> types.ModuleType:
 
 def _official_cfg(cfg: BEATsConfig) -> dict[str, Any]:
     """The cfg dict an official checkpoint holds: official field names only."""
-    ours_only = ("sample_rate", "num_mel_bins", "fbank_mean", "fbank_std")
+    ours_only = ("sample_rate", "num_mel_bins", "fbank_mean", "fbank_std", "conv_stem")
     return {k: v for k, v in cfg.to_dict().items() if k not in ours_only}
 
 
@@ -268,6 +268,36 @@ def test_load_beats_round_trip(tmp_path: Path, birds: torch.Tensor) -> None:
     assert loaded.cfg == cfg and not loaded.training
     with torch.no_grad():
         torch.testing.assert_close(loaded(birds)[0], source(birds)[0], atol=0, rtol=0)
+
+
+def test_conv_stem_makes_the_patch_grid_and_round_trips(tmp_path: Path,
+                                                          birds: torch.Tensor) -> None:
+    stem = BEATs(beats_config("tiny", conv_stem=(4, 8, 8, 16))).eval()
+    patch = BEATs(beats_config("tiny")).eval()
+    for frames in (16, 17, 31, 250, 998):  # the same [time, frequency] grid as the patches
+        grid = torch.zeros(1, 1, frames, 128)
+        with torch.no_grad():
+            assert stem.patch_embedding(stem.conv_stem(grid)).shape == \
+                patch.patch_embedding(grid).shape
+    wave = torch.cat([birds, birds])
+    pad = torch.zeros_like(wave, dtype=torch.bool)
+    pad[1, 80000:] = True
+    with torch.no_grad():
+        features, mask = stem(wave, pad)
+        _, patch_mask = patch(wave, pad)
+    assert features.shape == (2, 496, stem.cfg.encoder_embed_dim)
+    assert torch.equal(mask, patch_mask)
+    cfg = stem.cfg
+    path = tmp_path / "stem.pt"
+    torch.save({"cfg": cfg.to_dict(), "model": stem.state_dict()}, path)
+    loaded = load_beats(path)
+    assert loaded.cfg == cfg and loaded.cfg.conv_stem == (4, 8, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(birds)[0], stem(birds)[0], atol=0, rtol=0)
+    assert BEATsConfig.from_dict({**cfg.to_dict(), "conv_stem": [4, 8, 8, 16]}) == cfg
+    assert BEATsConfig.from_dict(_official_cfg(beats_config("iter3"))).conv_stem == ()
+    with pytest.raises(ValueError, match="3 stride-2 layers make patches of 8"):
+        beats_config("tiny", conv_stem=(4, 8, 16))
 
 
 def test_load_finetuned_and_defaults(tmp_path: Path, birds: torch.Tensor) -> None:
