@@ -368,8 +368,23 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if bias is not None:
         scores = scores + bias
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout > 0 else scores.softmax(-1)
+    weights = scores.softmax(dim=-1)
+    if dropout > 0:
+        weights = F.dropout(weights, p=dropout)
     return torch.matmul(weights, v)
+
+
+def _conv_stem(channels: tuple[int, ...]) -> nn.Sequential:
+    """Stride-2, 4 x 4 convolutions + GELU from the one-channel fbank through ``channels``
+    (`BEATsConfig.conv_stem`). Biases start at zero: with PyTorch's default ones the layers'
+    constant offsets swamp the input at init (the `tiny` preset's tokens of different clips
+    2% apart, 28% with zeros)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip((1, *channels[:-1]), channels, strict=True):
+        conv = nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.GELU()]
+    return nn.Sequential(*layers)
 
 
 class BEATsLayer(nn.Module):
@@ -492,13 +507,7 @@ class BEATs(nn.Module):
         )
         self.conv_stem: nn.Sequential | None = None
         if cfg.conv_stem:
-            layers: list[nn.Module] = []
-            for c_in, c_out in zip((1, *cfg.conv_stem[:-1]), cfg.conv_stem, strict=True):
-                layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.GELU()]
-                # Zero biases: with PyTorch's default ones the four layers' constant offsets
-                # swamp the input at init (tokens of different clips 2% apart, 28% here).
-                nn.init.zeros_(layers[-2].bias)
-            self.conv_stem = nn.Sequential(*layers)
+            self.conv_stem = _conv_stem(cfg.conv_stem)
             self.patch_embedding = nn.Conv2d(cfg.conv_stem[-1], cfg.embed_dim, 1,
                                              bias=cfg.conv_bias)
         else:
