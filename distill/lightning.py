@@ -567,6 +567,15 @@ class StudentModule(pl.LightningModule):
     def forward(self, audio: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(audio)
 
+    def configure_model(self) -> None:
+        """On the CPU, keep the backbone's convolutions channels-last (NHWC): oneDNN's
+        depthwise convolutions run their backward far faster so. Measured on the 2-core
+        machine, `s`, batch 32 of 10 s clips, a whole training step: one thread 791 -> 455 ms,
+        two threads 388 -> 363 ms (median of 8). Called before DDP wraps the model; the
+        exported graph and the checkpoint's values do not change (the layout is not saved)."""
+        if self.trainer.strategy.root_device.type == "cpu":
+            self.model.backbone.to(memory_format=torch.channels_last)
+
     def setup(self, stage: str) -> None:
         """Refuse a data module whose targets are another teacher's or hold other labels."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None

@@ -155,6 +155,27 @@ def test_task_counts_split_disagreements_by_who_is_right() -> None:
     assert totals["student_right"] == 1.0 and totals["neither_right"] == 0.0
 
 
+def test_a_channels_last_backbone_computes_what_the_contiguous_one_does(store: Path) -> None:
+    """The CPU training layout (`StudentModule.configure_model`) changes speed, not results."""
+    torch.manual_seed(0)
+    module = StudentModule(str(store), config=TINY)
+    audio = torch.randn(3, 32000)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        module.model.backbone.to(memory_format=layout)
+        module.model.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask
+        out = module.model(audio)
+        sum(v.square().mean() for v in out.values()).backward()
+        results.append(({k: v.detach() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in module.model.named_parameters()}))
+    (out_a, grad_a), (out_b, grad_b) = results
+    for key in out_a:
+        torch.testing.assert_close(out_b[key], out_a[key], rtol=1e-4, atol=1e-5)
+    for name in grad_a:
+        torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-3, atol=1e-5)
+
+
 def test_a_few_kd_steps_learn_and_checkpoint_rebuilds(corpus: Path, store: Path,
                                                       tmp_path: Path) -> None:
     from distill.checkpoint import load_student, teacher_hash_of
@@ -171,6 +192,8 @@ def test_a_few_kd_steps_learn_and_checkpoint_rebuilds(corpus: Path, store: Path,
     changed = [k for k, v in module.model.state_dict().items()
                if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert changed
+    convs = [m.weight for m in module.model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert "val/agreement" in trainer.callback_metrics
     path = tmp_path / "student.ckpt"
     trainer.save_checkpoint(path)
