@@ -572,7 +572,8 @@ class StudentModule(pl.LightningModule):
         depthwise convolutions run their backward far faster so. Measured on the 2-core
         machine, `s`, batch 32 of 10 s clips, a whole training step: one thread 791 -> 455 ms,
         two threads 388 -> 363 ms (median of 8). Called before DDP wraps the model; the
-        exported graph and the checkpoint's values do not change (the layout is not saved)."""
+        checkpoint's values and the exported graph do not change (loading copies the values
+        into the model's own layout)."""
         if self.trainer.strategy.root_device.type == "cpu":
             self.model.backbone.to(memory_format=torch.channels_last)
 
