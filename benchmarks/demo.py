@@ -1,7 +1,9 @@
 """`naturelm-edge demo`: the main job end to end, from a synthetic chorus to a field bundle.
 
 Stages, in order, each calling the project's own typed functions in this process (the
-Lightning stages through their LightningCLI with an argument list):
+Lightning stages through their LightningCLI with an argument list; a Lightning stage in
+several processes, as the student on two or more CPU cores, runs as its own
+``naturelm-edge`` command, since DDP re-launches the command line in each process):
 
 1. corpus: the synthetic chorus (`corpus synth`), clips in splits and a long soundscape with
    its Raven ground truth, and two more choruses of the next seeds that only the encoder
@@ -10,7 +12,8 @@ Lightning stages through their LightningCLI with an argument list):
    or ``--teacher``, an existing checkpoint, or ``--teacher-config``, another YAML);
 3. teacher-eval: the teacher scored BEANS-Zero style on the test split (`teacher eval`);
 4. targets: the teacher's targets for every clip and task (`distill label`);
-5. student-SIZE: each student distilled by its shipped config (`distill fit`) and reported;
+5. student-SIZE: each student distilled by its shipped config (`distill fit`; on the CPU in
+   two processes of half the batch where there are two or more cores) and reported;
 6. export-SIZE: ONNX FP32 (front end inside), FP16 and INT8 (`export onnx`, `export quantize`);
    a variant below its top-1 agreement bar with FP32 is left out (``--on-fail drop``) and
    listed, with its agreement per task, at the end of the report;
@@ -300,12 +303,52 @@ class Options:
 
         return self.threads or usable_cores()
 
-    def trainer_args(self) -> list[str]:
-        """The arguments both LightningCLI stages (`teacher fit`, `distill fit`) share."""
+    @property
+    def processes(self) -> int:
+        """Processes of the student's training (`distill fit`): ``--devices``; on the CPU by
+        default two where there are two or more cores, each with half the threads and half
+        the batch (the same recipe: 32 clips a step). On the idle 2-core machine a step of
+        `s` (batch and data loading) took 0.384 s on two threads in one process and 0.294 s
+        in two one-thread processes under DDP, gradient exchange included (Lightning's
+        simple profiler, 100 steps). The labelling gains nothing so (the valid split, 2,286
+        clip-tasks: 32.4 s on two threads, 33.4 s in two processes) and stays in one."""
+        if self.devices != 1 or self.torch_device != "cpu" or self.threads is not None:
+            return self.devices
+        return 2 if self.torch_threads >= 2 else 1
+
+    @property
+    def process_threads(self) -> int:
+        """Torch threads of each of those processes."""
+        return max(1, self.torch_threads // self.processes) if self.torch_device == "cpu" \
+            else self.torch_threads
+
+    def trainer_args(self, processes: int = 1) -> list[str]:
+        """The arguments both LightningCLI stages (`teacher fit`, `distill fit`) share, for a
+        run in ``processes`` processes (DDP when more than one)."""
         progress = "true" if sys.stderr.isatty() else "false"
-        return [f"--seed_everything={self.seed}", f"--num_threads={self.torch_threads}",
-                f"--trainer.accelerator={self.accelerator}", f"--trainer.devices={self.devices}",
+        if processes == 1:
+            devices, threads = self.devices, self.torch_threads
+        else:
+            devices, threads = processes, self.process_threads
+        args = [f"--seed_everything={self.seed}", f"--num_threads={threads}",
+                f"--trainer.accelerator={self.accelerator}", f"--trainer.devices={devices}",
                 f"--trainer.enable_progress_bar={progress}"]
+        return args + (["--trainer.strategy=ddp"] if processes > 1 else [])
+
+
+def run_command(args: Sequence[str], what: str) -> None:
+    """Run ``naturelm-edge ARGS`` in its own process and wait for it. A Lightning stage in
+    several processes runs so: DDP starts each further process by re-running the command
+    line of the first, which must be that stage's command, not the demo."""
+    import shlex
+    import subprocess
+
+    command = [sys.executable, "-m", "naturelm_edge", *args]
+    _say(f"{what}: naturelm-edge {shlex.join(args)}")
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit code {code}; its error is printed above): "
+                           f"{shlex.join(command)}")
 
 
 def _count_splits(manifest: Path) -> dict[str, int]:
@@ -358,11 +401,14 @@ def stage_teacher(o: Options, corpus: Mapping[str, Any]) -> dict[str, Any]:
 
     folder = o.out / "teacher"
     argv = ["--config", o.teacher_config, f"--data.manifest={corpus['manifest']}",
-            f"--trainer.default_root_dir={folder}", *o.trainer_args(),
+            f"--trainer.default_root_dir={folder}", *o.trainer_args(o.devices),
             "--trainer.enable_model_summary=false"]
     if o.teacher_config == "tiny" and o.plan.pretrain_epochs > 0:
         argv.append("--model.config=" + json.dumps(pretrain_tiny_encoder(o, corpus, folder)))
-    fit([*argv, *o.plan.teacher_args])
+    if o.devices > 1:
+        run_command(["teacher", "fit", *argv, *o.plan.teacher_args], "teacher fit")
+    else:
+        fit([*argv, *o.plan.teacher_args])
     checkpoint = folder / "teacher.ckpt"
     if not checkpoint.is_file():
         raise InputError(checkpoint, "teacher fit wrote no checkpoint")
@@ -404,10 +450,16 @@ def stage_targets(o: Options, corpus: Mapping[str, Any],
     from distill.targets import TargetStore
 
     folder = o.out / "targets"
-    label(Path(teacher["checkpoint"]), Path(corpus["manifest"]), folder,
-          accelerator=o.accelerator, devices=str(o.devices),
-          max_new_tokens=o.plan.max_new_tokens, resume=True,
-          num_threads=o.torch_threads)
+    if o.devices > 1:
+        run_command(["distill", "label", teacher["checkpoint"], corpus["manifest"], str(folder),
+                     f"--accelerator={o.accelerator}", f"--devices={o.devices}",
+                     "--strategy=ddp", f"--max-new-tokens={o.plan.max_new_tokens}",
+                     f"--num-threads={o.process_threads}"], "distill label")
+    else:
+        label(Path(teacher["checkpoint"]), Path(corpus["manifest"]), folder,
+              accelerator=o.accelerator, devices=str(o.devices),
+              max_new_tokens=o.plan.max_new_tokens, resume=True,
+              num_threads=o.torch_threads)
     store = TargetStore(folder)
     return {"targets": str(folder), "rows": len(store), "teacher_hash": store.teacher_hash}
 
@@ -418,10 +470,18 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
     from distill.cli import fit, format_report, report_rows
 
     folder = o.out / "students" / size
-    fit(["--config", f"student-{size}", f"--data.manifest={corpus['manifest']}",
-         f"--data.targets={targets['targets']}", f"--trainer.default_root_dir={folder}",
-         *o.trainer_args(), "--trainer.enable_model_summary=false",
-         *o.plan.student_args])
+    argv = ["--config", f"student-{size}", f"--data.manifest={corpus['manifest']}",
+            f"--data.targets={targets['targets']}", f"--trainer.default_root_dir={folder}",
+            "--trainer.enable_model_summary=false", *o.plan.student_args]
+    processes = o.processes
+    if processes > 1 and o.devices == 1:  # the CPU's processes share the recipe's batch
+        batch = student_batch_size(argv)
+        processes = processes if batch % processes == 0 else 1
+        argv.append(f"--data.batch_size={batch // processes}")
+    if processes > 1:
+        run_command(["distill", "fit", *argv, *o.trainer_args(processes)], "distill fit")
+    else:
+        fit([*argv, *o.trainer_args()])
     checkpoint = folder / "student.ckpt"
     if not checkpoint.is_file():
         raise InputError(checkpoint, "distill fit wrote no checkpoint")
@@ -429,6 +489,21 @@ def stage_student(o: Options, size: str, corpus: Mapping[str, Any],
                        device=o.torch_device)
     _say(format_report(rows))
     return {"checkpoint": str(checkpoint), "report": rows}
+
+
+def student_batch_size(argv: Sequence[str]) -> int:
+    """The batch size a `distill fit` command line trains with: its last
+    ``--data.batch_size=N``, else its ``--config``'s (a shipped name or a YAML path)."""
+    import yaml
+
+    from distill.cli import resolve_config_args
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--data.batch_size=")]
+    if given:
+        return int(given[-1])
+    resolved = resolve_config_args(list(argv))
+    config = Path(resolved[resolved.index("--config") + 1])
+    return int(yaml.safe_load(config.read_text())["data"]["batch_size"])
 
 
 def stage_export(o: Options, size: str, corpus: Mapping[str, Any],
@@ -629,7 +704,8 @@ def build_stages(o: Options) -> list[Stage]:
         stages.append(Stage(5, f"student-{size}", f"student {size} (distill fit)",
                             lambda out, s=size: stage_student(o, s, out["corpus"],
                                                               out["targets"]),
-                            ("corpus", "targets"), {"args": plan["student_args"]},
+                            ("corpus", "targets"),
+                            {"args": plan["student_args"], "processes": o.processes},
                             folder=f"students/{size}"))
     for size in o.student_sizes:
         stages.append(Stage(6, f"export-{size}", f"ONNX FP32 / FP16 / INT8 ({size})",
@@ -711,9 +787,10 @@ def demo(
         teacher_config: the teacher's LightningCLI YAML or shipped name (default: tiny).
         student_sizes: student sizes to distill (shipped configs student-SIZE; default: s).
         accelerator: Lightning accelerator of the training and labelling (auto, cpu, gpu).
-        devices: devices per Lightning stage (Lightning's DDP re-launches the command
-            line in each process, so for several GPUs run `teacher fit`, `distill label`
-            and `distill fit` themselves and pass their results in with --teacher).
+        devices: devices (processes) of the Lightning stages: with more than one, `teacher
+            fit`, `distill label` and `distill fit` run as their own commands under DDP
+            (default: one; on the CPU, the student trains in two processes where there are
+            two or more cores, each with half the threads and half the batch).
         threads: torch threads of the training and labelling (default: every core this
             process may use) and ONNX Runtime threads of the analysis (default: one);
             latencies are always measured on one thread. Give 1 on a machine shared with

@@ -106,6 +106,36 @@ def test_training_uses_every_usable_core_unless_threads_are_given(
     assert options(1).torch_threads == 1
 
 
+def test_on_the_cpu_the_student_trains_in_two_processes_sharing_the_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.demo import PLANS, Options, student_batch_size
+
+    monkeypatch.setattr("benchmarks.harness.usable_cores", lambda: 6)
+
+    def options(threads: int | None = None, devices: int = 1,
+                accelerator: str = "cpu") -> Options:
+        return Options(out=Path("x"), seed=0, plan=PLANS["quick"], corpus=None, soundscape=None,
+                       teacher=None, teacher_config="tiny", student_sizes=("s",),
+                       accelerator=accelerator, devices=devices, threads=threads)
+
+    auto = options()
+    assert (auto.processes, auto.process_threads) == (2, 3)
+    args = auto.trainer_args(2)
+    assert {"--trainer.devices=2", "--num_threads=3", "--trainer.strategy=ddp"} <= set(args)
+    single = auto.trainer_args()
+    assert {"--trainer.devices=1", "--num_threads=6"} <= set(single)
+    assert not any(a.startswith("--trainer.strategy") for a in single)
+    # threads given (a shared machine): one process; --devices: that many, as Lightning counts
+    assert options(threads=1).processes == 1 and options(threads=4).processes == 1
+    assert options(devices=4).processes == 4
+    assert options(accelerator="gpu").processes == 1
+    monkeypatch.setattr("benchmarks.harness.usable_cores", lambda: 1)
+    assert options().processes == 1
+    # the batch the processes split: the shipped config's, unless the plan gives one
+    assert student_batch_size(["--config", "student-s"]) == 32
+    assert student_batch_size(["--config", "student-s", "--data.batch_size=8"]) == 8
+
+
 def test_score_events_by_hand() -> None:
     calls = [Event(1.0, 2.0, "Kea"), Event(12.0, 12.5, "Tui"), Event(35.0, 36.0, "Kea")]
     detections = [Event(0.0, 10.0, "Kea"),     # right: the first call
@@ -183,6 +213,11 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path: Path, capsys: pytest.Captu
     assert "| demo-s int8 |" in (out / "report.md").read_text()
     for line in ("1. synthetic corpus", "9. final table"):
         assert line in text
+    # with two or more cores the student trained in two DDP processes, the labelling in one
+    from benchmarks.harness import usable_cores
+
+    assert ("distill fit: naturelm-edge distill fit" in text) == (usable_cores() >= 2)
+    assert "distill label: naturelm-edge" not in text
 
     # a rerun skips every stage and prints the same table
     code, again = _main(["--quick", "--out", str(out)], capsys)
